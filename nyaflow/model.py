@@ -86,7 +86,10 @@ def encode_prompts(c: Components, prompts: list[str]) -> tuple[torch.Tensor, tor
 def time_ids(original_hw, crop_top_left, target_hw) -> torch.Tensor:
     """SDXL micro-conditioning for a batch: each argument is a [B, 2] sequence of (y, x) pixel pairs."""
     return torch.cat(
-        [torch.as_tensor(a, dtype=torch.float32).reshape(-1, 2) for a in (original_hw, crop_top_left, target_hw)],
+        [
+            torch.as_tensor(a, dtype=torch.float32).reshape(-1, 2)
+            for a in (original_hw, crop_top_left, target_hw)
+        ],
         dim=1,
     )
 
@@ -101,7 +104,7 @@ TINY = {
     "text_encoder_2_hidden": 64,
     "unet_channels": [32, 64, 64],
     "addition_time_embed_dim": 8,
-    "vae_channels": [32, 64, 64],
+    "vae_channels": [16, 32, 32],
     "latent_channels": 4,
 }
 

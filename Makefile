@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` runs the whole DAG on the demo config, `make test` the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: demo test lint clean
+
+demo: $(VENV)/.installed
+	snakemake --profile cluster/local
+
+test: $(VENV)/.installed-test
+	python -m pytest
+
+lint: $(VENV)/.installed-test
+	ruff check .
+	ruff format --check .
+	snakefmt --check workflow
+	snakemake --lint --dry-run > /dev/null
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf results resources logs .snakemake report.html

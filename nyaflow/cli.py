@@ -1,0 +1,122 @@
+"""The `nyaflow` command: one subcommand per pipeline stage. Snakemake rules call these.
+
+Every subcommand takes `--config`, a config file that is validated against the schema (defaults filled);
+the workflow passes results/<run>/config.yaml, the validated snapshot of its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nyaflow import config as config_mod
+
+
+def cmd_demo_source(cfg: dict, args) -> None:
+    from nyaflow.demo_data import make_demo_source
+
+    demo = cfg["data"]["demo"]
+    table = make_demo_source(args.out, demo["num_images"], demo["min_side"], demo["port"], cfg["seed"])
+    print(f"demo source: {len(table)} rows in {args.out / 'urls.parquet'}")
+
+
+def cmd_download(cfg: dict, args) -> None:
+    from nyaflow.download import download
+
+    download(cfg, args.table, args.out, serve_dir=args.serve)
+
+
+def cmd_preprocess(cfg: dict, args) -> None:
+    from nyaflow.preprocess import preprocess
+
+    manifest = preprocess(cfg, args.table, args.download, args.out)
+    print(json.dumps({k: manifest[k] for k in ("rows_in", "counts", "buckets")}, indent=2))
+
+
+def cmd_base_model(cfg: dict, args) -> None:
+    from nyaflow.base_model import build_base_model
+
+    print(json.dumps(build_base_model(cfg, args.out, args.data), indent=2))
+
+
+def cmd_train(cfg: dict, args) -> None:
+    from nyaflow.train import train
+
+    train(cfg, args.base, args.data, args.out)
+
+
+def cmd_export(cfg: dict, args) -> None:
+    from nyaflow.export import export
+
+    export(cfg, args.base, args.checkpoints, args.train_summary, args.out, tag=args.tag)
+
+
+def cmd_sample(cfg: dict, args) -> None:
+    from nyaflow.sample import sample_stage
+
+    print(json.dumps(sample_stage(cfg, args.model, args.out, args.base), indent=2))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nyaflow", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    def stage(name: str, func, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help)
+        s.add_argument("--config", type=Path, required=True, help="config file (the workflow's snapshot)")
+        s.set_defaults(func=func)
+        return s
+
+    s = stage("demo-source", cmd_demo_source, "generate the synthetic demo images and their URL table")
+    s.add_argument("--out", type=Path, required=True, help="folder for images/ and urls.parquet")
+
+    s = stage("download", cmd_download, "download a URL table with img2dataset into webdataset shards")
+    s.add_argument("--table", type=Path, required=True, help="URL table (parquet with id, url, caption)")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--serve", type=Path, help="serve this folder on 127.0.0.1:data.demo.port meanwhile")
+
+    s = stage(
+        "preprocess", cmd_preprocess, "filter, bucket and reshard downloaded images; write the manifest"
+    )
+    s.add_argument("--table", type=Path, required=True, help="the URL table that was downloaded")
+    s.add_argument("--download", type=Path, required=True, help="the download stage's folder")
+    s.add_argument("--out", type=Path, required=True, help="data folder (shards/, manifest.json)")
+
+    s = stage("base-model", cmd_base_model, "build (tiny) or check (local folder) the base model")
+    s.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
+    s.add_argument("--data", type=Path, help="data folder (the tiny model fits its VAE on it)")
+
+    s = stage("train", cmd_train, "flow-matching training with DeepSpeed (resumes from checkpoints/latest)")
+    s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
+    s.add_argument("--data", type=Path, required=True, help="data folder")
+    s.add_argument("--out", type=Path, required=True, help="train folder (checkpoints/, tb/, summary.json)")
+
+    s = stage("export", cmd_export, "export a checkpoint as a diffusers folder and a single SDXL file")
+    s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
+    s.add_argument("--checkpoints", type=Path, required=True, help="DeepSpeed checkpoint folder")
+    s.add_argument("--train-summary", type=Path, required=True, help="the train stage's summary.json")
+    s.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
+    s.add_argument("--out", type=Path, required=True, help="export folder")
+
+    s = stage("sample", cmd_sample, "render the labelled sample grid of prompts x seeds")
+    s.add_argument("--model", type=Path, required=True, help="exported diffusers folder")
+    s.add_argument("--base", type=Path, help="also score the untrained base model (demo)")
+    s.add_argument("--out", type=Path, required=True, help="samples folder (grid.png, scores.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except (config_mod.ConfigError, FileNotFoundError) as e:
+        print(f"nyaflow {args.command}: {e}", file=sys.stderr)
+        return 2
+    args.func(cfg, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The run config: validated against workflow/schemas/config.schema.yaml, which also holds every default.
+
+The Snakefile validates the user's config once and writes the result (defaults filled) to
+results/<run>/config.yaml; every `nyaflow <stage>` reads that file through `load`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range; the message names the key."""
+
+
+def _with_defaults(validator_class):
+    """A validator that fills `default` values of absent properties before checking them."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def properties(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": properties})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def schema() -> dict:
+    if not SCHEMA_PATH.is_file():
+        raise FileNotFoundError(
+            f"config schema not found at {SCHEMA_PATH}: install nyaflow from its source tree"
+            " (pip install -e .)"
+        )
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def validate(config: dict) -> dict:
+    """Return a validated copy of `config` with every default filled; raise ConfigError naming the key."""
+    config = copy.deepcopy(dict(config))
+    errors = sorted(_Validator(schema()).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [
+            f"config key '{'.'.join(map(str, e.absolute_path)) or '<top level>'}': {e.message}"
+            for e in errors
+        ]
+        raise ConfigError("invalid nyaflow config:\n  " + "\n  ".join(lines))
+    return config
+
+
+def load(path: str | Path) -> dict:
+    """Read and validate a config file."""
+    with open(path) as f:
+        return validate(yaml.safe_load(f) or {})
+
+
+def write_snapshot(config: dict, path: str | Path) -> None:
+    """Write the validated config to `path`, leaving the file untouched when its content is the same."""
+    path = Path(path)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

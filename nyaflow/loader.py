@@ -1,0 +1,125 @@
+"""The training data: bucketed shards -> deterministic, rank-sharded, bucket-homogeneous batches.
+
+Order: for epoch e, every bucket's samples are permuted with the generator seeded by (seed, e), cut into
+micro batches, and the batches of all buckets are permuted together. Micro batch j goes to global rank
+j % world_size; the incomplete last round (fewer batches than ranks) is dropped, so every rank takes the
+same number of steps. The position in the data is therefore a function of the micro-step count alone:
+a resumed run that restarts at micro-step k sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nyaflow.shards import TarIndex
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """All samples listed in a data manifest. Item: {pixels [3,h,w] in [-1, 1], caption, time_ids [6]}."""
+
+    def __init__(self, data_dir: Path):
+        data_dir = Path(data_dir)
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        self.shards = []
+        buckets = []
+        for entry in manifest["shards"]:
+            index = TarIndex(data_dir / "shards" / entry["path"])
+            if len(index) != entry["count"]:
+                raise ValueError(
+                    f"shard {entry['path']} holds {len(index)} samples, the manifest says {entry['count']}:"
+                    " the shard is truncated or was changed; rerun the preprocess stage"
+                )
+            self.shards.append(index)
+            buckets += [tuple(entry["bucket"])] * len(index)
+        self.locations = [(s, i) for s, index in enumerate(self.shards) for i in range(len(index))]
+        self.bucket_ids = np.unique(np.array(buckets), axis=0, return_inverse=True)[1].reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> dict:
+        shard, local = self.locations[i]
+        raw = self.shards[shard][local]
+        image = next(raw[e] for e in ("png", "jpg", "webp") if e in raw)
+        pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.float32)
+        meta = json.loads(raw["json"])
+        ids = meta["original_size"] + meta["crop_top_left"] + meta["target_size"]
+        return {
+            "pixels": torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1,
+            "caption": raw["txt"].decode(),
+            "time_ids": torch.tensor(ids, dtype=torch.float32),
+            "index": i,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "time_ids": torch.stack([it["time_ids"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
+
+
+def split_validation(num_samples: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): a fixed random hold-out of `val_size` samples."""
+    if val_size >= num_samples:
+        raise ValueError(f"train.val_size={val_size} leaves no training data ({num_samples} samples)")
+    order = np.random.default_rng([seed, 1]).permutation(num_samples)
+    return np.sort(order[val_size:]), np.sort(order[:val_size])
+
+
+def epoch_batches(
+    indices: np.ndarray,
+    bucket_ids: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    rank: int,
+) -> list[list[int]]:
+    """This rank's micro batches (lists of sample indices) for one epoch, in order."""
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for bucket in np.unique(bucket_ids[indices]):
+        members = rng.permutation(indices[bucket_ids[indices] == bucket])
+        batches += [members[i : i + batch_size].tolist() for i in range(0, len(members), batch_size)]
+    order = rng.permutation(len(batches))
+    rounds = len(batches) // world_size
+    if rounds == 0:
+        raise ValueError(f"{len(batches)} micro batches per epoch cannot feed {world_size} ranks")
+    return [batches[j] for j in order[rank : rounds * world_size : world_size]]
+
+
+def micro_batches(
+    dataset: TrainingSet,
+    indices: np.ndarray,
+    batch_size: int,
+    seed: int,
+    world_size: int,
+    rank: int,
+    start: int,
+    num_workers: int,
+):
+    """Yield (epoch, micro batch) forever, starting at this rank's micro-step `start`."""
+    per_epoch = len(epoch_batches(indices, dataset.bucket_ids, batch_size, seed, 0, world_size, rank))
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        batches = epoch_batches(indices, dataset.bucket_ids, batch_size, seed, epoch, world_size, rank)[skip:]
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        for batch in loader:
+            yield epoch, batch
+        epoch, skip = epoch + 1, 0

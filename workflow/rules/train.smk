@@ -1,0 +1,20 @@
+rule train:
+    """Flow-matching training with DeepSpeed. Resumes from checkpoints/latest when it exists: delete
+    results/<run>/train/checkpoints to train from scratch."""
+    input:
+        base=f"{RESULTS}/base_model",
+        manifest=f"{RESULTS}/data/manifest.json",
+    output:
+        summary=f"{RESULTS}/train/summary.json",
+    log:
+        f"{LOGS}/train.log",
+    threads: workflow.cores
+    params:
+        config=CONFIG_SNAPSHOT,
+        data=f"{RESULTS}/data",
+        folder=f"{RESULTS}/train",
+        settings=config["train"],
+        seed=config["seed"],
+    shell:
+        "nyaflow train --config {params.config:q} --base {input.base:q} --data {params.data:q}"
+        " --out {params.folder:q} > {log:q} 2>&1"
