@@ -62,6 +62,8 @@ def cmd_sample(cfg: dict, args) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nyaflow", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="STAGE")
+    docs = sub.add_parser("config-docs", help="print the configuration reference (config/README.md)")
+    docs.set_defaults(func=None)
 
     def stage(name: str, func, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help, description=help)
@@ -109,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "config-docs":
+        print(config_mod.reference_markdown(), end="")
+        return 0
     try:
         cfg = config_mod.load(args.config)
     except (config_mod.ConfigError, FileNotFoundError) as e:

@@ -7,6 +7,7 @@ results/<run>/config.yaml; every `nyaflow <stage>` reads that file through `load
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import jsonschema
@@ -74,3 +75,32 @@ def write_snapshot(config: dict, path: str | Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def reference_markdown() -> str:
+    """config/README.md: every key of the schema with its type, default and description."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `workflow/schemas/config.schema.yaml` by `nyaflow config-docs`; a test keeps the two",
+        "in step. `config/config.yaml` is the demo. Keys left out take the defaults below.",
+        "",
+    ]
+
+    def walk(node: dict, path: str) -> None:
+        for name, sub in node.get("properties", {}).items():
+            key = f"{path}{name}"
+            if sub.get("type") == "object":
+                lines.extend(["", f"## `{key}`", "", " ".join(sub["description"].split()), ""])
+                lines.extend(["| key | type | default | description |", "| --- | --- | --- | --- |"])
+                walk(sub, f"{key}.")
+                continue
+            kind = sub.get("type", "")
+            if "enum" in sub:
+                kind += " (" + " / ".join(map(str, sub["enum"])) + ")"
+            default = json.dumps(sub["default"]) if "default" in sub else "required"
+            lines.append(f"| `{key}` | {kind} | `{default}` | {' '.join(sub['description'].split())} |")
+
+    lines.extend(["| key | type | default | description |", "| --- | --- | --- | --- |"])
+    walk(schema(), "")
+    return "\n".join(lines) + "\n"

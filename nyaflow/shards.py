@@ -39,11 +39,14 @@ class TarIndex:
     def __init__(self, path: Path):
         self.path = Path(path)
         members: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(self.path, "r:") as tar:
-            for m in tar:
-                if m.isfile():
-                    key, ext = split_name(m.name)
-                    members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                for m in tar:
+                    if m.isfile():
+                        key, ext = split_name(m.name)
+                        members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+        except tarfile.TarError as e:
+            raise ValueError(f"shard {self.path} is truncated or not a tar file ({e})") from e
         self.keys = list(members)
         self._members = members
         self._file = None

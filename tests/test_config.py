@@ -55,3 +55,7 @@ def test_snakemake_stops_before_any_job_naming_the_bad_key(workdir):
     assert result.returncode != 0
     assert "config key 'train.caption_dropout'" in result.stderr + result.stdout
     assert not (workdir / "results").exists()
+
+
+def test_config_reference_is_in_step_with_the_schema():
+    assert (REPO / "config" / "README.md").read_text() == nyaflow_config.reference_markdown()

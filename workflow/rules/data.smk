@@ -9,9 +9,11 @@ rule demo_source:
         images=directory(f"{RESOURCES}/demo/images"),
     log:
         f"{LOGS}/demo_source.log",
+    conda:
+        ENV
     params:
         config=CONFIG_SNAPSHOT,
-        folder=f"{RESOURCES}/demo",
+        folder=lambda wildcards, output: os.path.dirname(output.table),
         settings=config["data"]["demo"],
         seed=config["seed"],
     shell:
@@ -27,6 +29,8 @@ rule download:
         directory(f"{RESOURCES}/download"),
     log:
         f"{LOGS}/download.log",
+    conda:
+        ENV
     threads: config["data"]["download"]["processes"]
     params:
         config=CONFIG_SNAPSHOT,
@@ -51,9 +55,11 @@ rule preprocess:
         shards=directory(f"{RESULTS}/data/shards"),
     log:
         f"{LOGS}/preprocess.log",
+    conda:
+        ENV
     params:
         config=CONFIG_SNAPSHOT,
-        folder=f"{RESULTS}/data",
+        folder=lambda wildcards, output: os.path.dirname(output.manifest),
         settings=config["data"]["preprocess"],
     shell:
         "nyaflow preprocess --config {params.config:q} --table {input.table:q}"

@@ -8,10 +8,12 @@ rule export:
         single_file=f"{RESULTS}/export/{RUN}.safetensors",
     log:
         f"{LOGS}/export.log",
+    conda:
+        ENV
     params:
         config=CONFIG_SNAPSHOT,
         checkpoints=f"{RESULTS}/train/checkpoints",
-        folder=f"{RESULTS}/export",
+        folder=lambda wildcards, output: os.path.dirname(output.single_file),
         settings=config["export"],
     shell:
         "nyaflow export --config {params.config:q} --base {input.base:q} --checkpoints {params.checkpoints:q}"

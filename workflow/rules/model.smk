@@ -9,6 +9,8 @@ rule base_model:
         directory(f"{RESULTS}/base_model"),
     log:
         f"{LOGS}/base_model.log",
+    conda:
+        ENV
     threads: workflow.cores
     params:
         config=CONFIG_SNAPSHOT,

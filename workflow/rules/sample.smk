@@ -14,9 +14,11 @@ rule sample:
         scores=f"{RESULTS}/samples/scores.json",
     log:
         f"{LOGS}/sample.log",
+    conda:
+        ENV
     params:
         config=CONFIG_SNAPSHOT,
-        folder=f"{RESULTS}/samples",
+        folder=lambda wildcards, output: os.path.dirname(output.grid),
         settings=config["sample"],
     shell:
         "nyaflow sample --config {params.config:q} --model {input.model:q} --base {input.base:q}"

@@ -8,11 +8,13 @@ rule train:
         summary=f"{RESULTS}/train/summary.json",
     log:
         f"{LOGS}/train.log",
+    conda:
+        ENV
     threads: workflow.cores
     params:
         config=CONFIG_SNAPSHOT,
-        data=f"{RESULTS}/data",
-        folder=f"{RESULTS}/train",
+        data=lambda wildcards, input: os.path.dirname(input.manifest),
+        folder=lambda wildcards, output: os.path.dirname(output.summary),
         settings=config["train"],
         seed=config["seed"],
     shell:
