@@ -31,7 +31,7 @@ def cmd_download(cfg: dict, args) -> None:
 def cmd_preprocess(cfg: dict, args) -> None:
     from nyaflow.preprocess import preprocess
 
-    manifest = preprocess(cfg, args.table, args.download, args.out)
+    manifest = preprocess(cfg, args.table, args.download, args.out, processes=args.processes)
     print(json.dumps({k: manifest[k] for k in ("rows_in", "counts", "buckets")}, indent=2))
 
 
@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--table", type=Path, required=True, help="the URL table that was downloaded")
     s.add_argument("--download", type=Path, required=True, help="the download stage's folder")
     s.add_argument("--out", type=Path, required=True, help="data folder (shards/, manifest.json)")
+    s.add_argument("--processes", type=int, default=1, help="worker processes (one downloaded shard each)")
 
     s = stage("base-model", cmd_base_model, "build (tiny) or check (local folder) the base model")
     s.add_argument("--out", type=Path, required=True, help="diffusers folder to write")

@@ -6,16 +6,19 @@ elongated, assigned an SDXL aspect bucket, resized to cover it and centre-croppe
 the image (`png`/`jpg`/`webp`), the caption (`txt`) and SDXL micro-conditioning (`json`: original_size,
 crop_top_left, target_size, all (h, w) pixels).
 
-Outputs in the data folder: `shards/<h>x<w>-NNNNN.tar` (one bucket per shard), `rows.parquet` (one row
-per input row: id, url, status, reason, shard) and `manifest.json` (totals, reasons, buckets, shard list).
+Outputs in the data folder: `shards/<h>x<w>-<download shard>-NNNNN.tar` (one bucket per shard),
+`rows.parquet` (one row per input row: id, url, status, reason, shard) and `manifest.json` (totals,
+reasons, buckets, shard list).
 Statuses: kept, rejected (before download), failed_download, filtered (decode or size), lost (in no
 img2dataset output shard).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import multiprocessing
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -23,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from nyaflow.buckets import Placement, bucket_name, make_buckets, nearest_bucket, place
 from nyaflow.captions import tags_to_caption
 from nyaflow.shards import ShardWriter, iter_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+STATUSES = ("kept", "rejected", "failed_download", "filtered", "lost")
 
 
 class Rejected(Exception):
@@ -100,63 +105,90 @@ def make_sample(
     return bucket, sample
 
 
-def preprocess(config: dict, table_path: Path, download_dir: Path, out: Path) -> dict:
-    """Build training shards and the manifest in `out` from the download folder; returns the manifest."""
-    settings = config["data"]["preprocess"]
+def process_download_shard(tar: Path, out: Path, settings: dict) -> tuple[list[tuple], list[dict]]:
+    """Turn one downloaded tar into training shards `<bucket>-<tar stem>-NNNNN.tar` in `out`.
+
+    Returns (outcomes, shards): outcomes are (id, status, reason, shard) for every sample of the tar.
+    """
     buckets = make_buckets(settings["resolution"], settings["bucket_step"], settings["max_aspect"])
-    table = pd.read_parquet(table_path)
-    rows = pd.DataFrame({"id": table["id"], "url": table[config["data"]["url_col"]].astype(str)})
-    rows["status"], rows["reason"], rows["shard"] = "lost", "in no img2dataset output shard", ""
-    rows = rows.set_index("id")
-
-    rejected = pd.read_parquet(download_dir / "rejected.parquet")
-    rows.loc[rejected["id"], ["status", "reason"]] = np.column_stack(
-        [np.full(len(rejected), "rejected"), rejected["reason"]]
-    )
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shards").mkdir(parents=True)
     writers: dict[tuple[int, int], ShardWriter] = {}
-    for parquet in sorted((download_dir / "shards").glob("*.parquet")):
-        status = pd.read_parquet(parquet, columns=["id", "key", "status", "error_message"])
-        failed = status[status["status"] != "success"]
-        rows.loc[failed["id"], ["status", "reason"]] = np.column_stack(
-            [np.full(len(failed), "failed_download"), failed["error_message"].fillna("unknown").astype(str)]
-        )
-        tar = parquet.with_suffix(".tar")
-        for _, raw in iter_samples(tar) if tar.exists() else ():
-            meta = json.loads(raw["json"])
-            row_id = meta["id"]
-            image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-            try:
-                if image is None:
-                    raise Rejected("no image in downloaded sample")
-                caption = tags_to_caption(raw.get("txt", b"").decode("utf-8", errors="replace"))
-                bucket, sample = make_sample(image, caption, settings, buckets)
-            except Rejected as e:
-                rows.loc[row_id, ["status", "reason"]] = ("filtered", str(e))
-                continue
-            if bucket not in writers:
-                writers[bucket] = ShardWriter(tmp / "shards", bucket_name(bucket), settings["shard_size"])
-            writers[bucket].write(f"{row_id:012d}", sample)
-            rows.loc[row_id, ["status", "reason", "shard"]] = ("kept", "", writers[bucket].shards[-1]["path"])
-
+    outcomes = []
+    for _, raw in iter_samples(tar):
+        row_id = json.loads(raw["json"])["id"]
+        image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+        try:
+            if image is None:
+                raise Rejected("no image in downloaded sample")
+            caption = tags_to_caption(raw.get("txt", b"").decode("utf-8", errors="replace"))
+            bucket, sample = make_sample(image, caption, settings, buckets)
+        except Rejected as e:
+            outcomes.append((row_id, "filtered", str(e), ""))
+            continue
+        if bucket not in writers:
+            writers[bucket] = ShardWriter(out, f"{bucket_name(bucket)}-{tar.stem}", settings["shard_size"])
+        writers[bucket].write(f"{row_id:012d}", sample)
+        outcomes.append((row_id, "kept", "", writers[bucket].shards[-1]["path"]))
     shards = []
     for bucket, writer in sorted(writers.items()):
         writer.close()
         shards += [{**s, "bucket": list(bucket)} for s in writer.shards]
-    rows = rows.reset_index()
+    return outcomes, shards
+
+
+def preprocess(config: dict, table_path: Path, download_dir: Path, out: Path, processes: int = 1) -> dict:
+    """Build training shards and the manifest in `out` from the download folder; returns the manifest.
+
+    Downloaded tars are processed in parallel by `processes` worker processes.
+    """
+    settings = config["data"]["preprocess"]
+    table = pd.read_parquet(table_path)
+    outcomes = [pd.read_parquet(download_dir / "rejected.parquet").assign(status="rejected", shard="")]
+    tars = []
+    for parquet in sorted((download_dir / "shards").glob("*.parquet")):
+        status = pd.read_parquet(parquet, columns=["id", "status", "error_message"])
+        failed = status[status["status"] != "success"]
+        reason = failed["error_message"].fillna("unknown").astype(str)
+        outcomes.append(
+            pd.DataFrame({"id": failed["id"], "status": "failed_download", "reason": reason, "shard": ""})
+        )
+        if parquet.with_suffix(".tar").exists():
+            tars.append(parquet.with_suffix(".tar"))
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+    work = functools.partial(process_download_shard, out=tmp / "shards", settings=settings)
+    shards = []
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.imap(work, tars)
+        for done, shard_list in tqdm(results, total=len(tars), desc="preprocess", unit="shard", disable=None):
+            outcomes.append(pd.DataFrame(done, columns=["id", "status", "reason", "shard"]))
+            shards += shard_list
+
+    fates = pd.concat(outcomes, ignore_index=True)
+    duplicated = fates["id"].duplicated()
+    if duplicated.any():
+        raise ValueError(
+            f"rows {fates.loc[duplicated, 'id'].tolist()[:5]} appear twice in the download output"
+        )
+    rows = pd.DataFrame({"id": table["id"], "url": table[config["data"]["url_col"]].astype(str)})
+    rows = rows.merge(fates, on="id", how="left")
+    lost = rows["status"].isna()
+    rows.loc[lost, ["status", "reason", "shard"]] = ("lost", "in no img2dataset output shard", "")
     rows.to_parquet(tmp / "rows.parquet", index=False)
+
+    shards.sort(key=lambda s: s["path"])
+    buckets = Counter()
+    for s in shards:
+        buckets[bucket_name(tuple(s["bucket"]))] += s["count"]
     counts = Counter(rows["status"])
     manifest = {
         "rows_in": len(rows),
-        "counts": {s: counts.get(s, 0) for s in ("kept", "rejected", "failed_download", "filtered", "lost")},
+        "counts": {s: counts.get(s, 0) for s in STATUSES},
         "reasons": {
-            s: dict(Counter(rows.loc[rows["status"] == s, "reason"]).most_common())
-            for s in ("rejected", "failed_download", "filtered", "lost")
+            s: dict(Counter(rows.loc[rows["status"] == s, "reason"]).most_common()) for s in STATUSES[1:]
         },
-        "buckets": {bucket_name(b): sum(s["count"] for s in w.shards) for b, w in sorted(writers.items())},
+        "buckets": dict(sorted(buckets.items())),
         "shards": shards,
         "rows_file": "rows.parquet",
     }

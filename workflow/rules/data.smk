@@ -61,6 +61,8 @@ rule preprocess:
         config=CONFIG_SNAPSHOT,
         folder=lambda wildcards, output: os.path.dirname(output.manifest),
         settings=config["data"]["preprocess"],
+    threads: workflow.cores
     shell:
         "nyaflow preprocess --config {params.config:q} --table {input.table:q}"
-        " --download {input.download:q} --out {params.folder:q} > {log:q} 2>&1"
+        " --download {input.download:q} --out {params.folder:q} --processes {threads}"
+        " > {log:q} 2>&1"
