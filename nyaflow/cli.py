@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from nyaflow import config as config_mod
+from nyaflow.errors import UserError
 
 
 def cmd_demo_source(cfg: dict, args) -> None:
@@ -50,13 +51,20 @@ def cmd_train(cfg: dict, args) -> None:
 def cmd_export(cfg: dict, args) -> None:
     from nyaflow.export import export
 
-    export(cfg, args.base, args.checkpoints, args.train_summary, args.out, tag=args.tag)
+    export(cfg, args.base, args.checkpoints, args.train_summary, args.out, tag=args.tag, weights=args.weights)
 
 
 def cmd_sample(cfg: dict, args) -> None:
     from nyaflow.sample import sample_stage
 
     print(json.dumps(sample_stage(cfg, args.model, args.out, args.base), indent=2))
+
+
+def cmd_report(cfg: dict, args) -> None:
+    from nyaflow.report import write_report
+
+    for path in write_report(cfg, args.train, args.data, args.samples, args.out):
+        print(path)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,13 +108,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
     s.add_argument("--checkpoints", type=Path, required=True, help="DeepSpeed checkpoint folder")
     s.add_argument("--train-summary", type=Path, required=True, help="the train stage's summary.json")
-    s.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
+    s.add_argument("--tag", help="checkpoint tag (default: export.tag, else the one `latest` names)")
+    s.add_argument("--weights", choices=["raw", "ema"], help="raw or EMA weights (default: export.weights)")
     s.add_argument("--out", type=Path, required=True, help="export folder")
 
     s = stage("sample", cmd_sample, "render the labelled sample grid of prompts x seeds")
     s.add_argument("--model", type=Path, required=True, help="exported diffusers folder")
     s.add_argument("--base", type=Path, help="also score the untrained base model (demo)")
     s.add_argument("--out", type=Path, required=True, help="samples folder (grid.png, scores.json)")
+
+    s = stage("report", cmd_report, "plots and tables of the run for `snakemake --report`")
+    s.add_argument("--train", type=Path, required=True, help="train folder (summary.json, metrics.jsonl)")
+    s.add_argument("--data", type=Path, required=True, help="data folder (manifest.json)")
+    s.add_argument("--samples", type=Path, help="samples folder (scores.json)")
+    s.add_argument("--out", type=Path, required=True, help="report folder")
     return p
 
 
@@ -120,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, FileNotFoundError) as e:
         print(f"nyaflow {args.command}: {e}", file=sys.stderr)
         return 2
-    args.func(cfg, args)
-    return 0
+    try:
+        return args.func(cfg, args) or 0
+    except UserError as e:  # bad input, not a bug: one line that names it, no traceback
+        print(f"nyaflow {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
