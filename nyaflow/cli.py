@@ -39,13 +39,29 @@ def cmd_preprocess(cfg: dict, args) -> None:
 def cmd_base_model(cfg: dict, args) -> None:
     from nyaflow.base_model import build_base_model
 
-    print(json.dumps(build_base_model(cfg, args.out, args.data), indent=2))
+    print(json.dumps(build_base_model(cfg, args.out, args.data, args.source), indent=2))
 
 
-def cmd_train(cfg: dict, args) -> None:
-    from nyaflow.train import train
+def cmd_fetch_base(cfg: dict, args) -> None:
+    from nyaflow.base_model import base_kind, fetch
 
-    train(cfg, args.base, args.data, args.out)
+    kind = base_kind(cfg["model"]["base"])
+    repo = cfg["model"]["base"] if kind == "hub" else cfg["model"]["base_config"]
+    fetch(repo, args.out, configs_only=kind == "single_file")
+
+
+def cmd_train(cfg: dict, args) -> int:
+    from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
+
+    try:
+        train(cfg, args.base, args.data, args.out)
+    except Preempted as e:
+        print(f"nyaflow train: {e}; run again to continue (exit status {REQUEUE_EXIT_CODE})", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
+    except NonFiniteLoss as e:
+        print(f"nyaflow train: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_export(cfg: dict, args) -> None:
@@ -98,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     s = stage("base-model", cmd_base_model, "build (tiny) or check (local folder) the base model")
     s.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
     s.add_argument("--data", type=Path, help="data folder (the tiny model fits its VAE on it)")
+    s.add_argument("--source", type=Path, help="fetched hub folder, or the config folder of a single file")
+
+    s = stage("fetch-base", cmd_fetch_base, "download model.base (or model.base_config) from the hub")
+    s.add_argument("--out", type=Path, required=True, help="folder to write (resources/hub/<owner>--<name>)")
 
     s = stage("train", cmd_train, "flow-matching training with DeepSpeed (resumes from checkpoints/latest)")
     s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")

@@ -8,26 +8,41 @@ Randomness is keyed, not streamed: the noise, sigmas, caption dropout and VAE po
 micro-step k on rank r come from a generator seeded by (seed, r, k), and the data order is a function of
 k (nyaflow.loader). A run restarted from a checkpoint therefore continues exactly as if uninterrupted.
 
-Outputs in the train folder: checkpoints/<tag>/ (DeepSpeed) with a `latest` file, tb/ (TensorBoard),
-metrics.jsonl (one line per logged step) and summary.json (written last).
+Stopping: SIGTERM or SIGUSR2 on any rank sets a flag that all ranks agree on (all-reduce) at the next
+micro-step; then every rank saves a checkpoint and `train` raises Preempted (the CLI exits with
+REQUEUE_EXIT_CODE, which launchers turn into a requeue). A non-finite loss on any rank skips that
+micro-step on all ranks; `train.max_nonfinite` in a row stop the run with the last checkpoint intact.
+
+Outputs in the train folder: checkpoints/ (nyaflow.checkpoint), tb/ (TensorBoard), samples/ (grids drawn
+during training), metrics.jsonl (one line per logged step) and summary.json (written last).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
+import signal
 import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from nyaflow import flow
+from nyaflow import checkpoint, flow
 from nyaflow.loader import TrainingSet, collate, micro_batches, split_validation
 from nyaflow.model import Components, encode_prompts, load_components
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to continue
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR2 after every rank saved a checkpoint."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive micro-steps had a non-finite loss; the last checkpoint is intact."""
 
 
 def _free_port() -> int:
@@ -73,6 +88,27 @@ def deepspeed_config(tc: dict, bf16: bool) -> dict:
     }
 
 
+def make_optimizer(params, tc: dict, device: torch.device):
+    """AdamW: DeepSpeed's FusedAdam on GPU, torch's AdamW on CPU."""
+    kwargs = {"lr": tc["lr"], "betas": tuple(tc["adam_betas"]), "eps": tc["adam_eps"]}
+    kwargs["weight_decay"] = tc["weight_decay"]
+    if device.type == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def lr_factor(step: int, tc: dict) -> float:
+    """Linear warmup over train.warmup_steps, then constant or cosine decay to train.min_lr_ratio."""
+    if step < tc["warmup_steps"]:
+        return (step + 1) / (tc["warmup_steps"] + 1)
+    if tc["schedule"] == "constant":
+        return 1.0
+    progress = (step - tc["warmup_steps"]) / max(1, tc["steps"] - tc["warmup_steps"])
+    return tc["min_lr_ratio"] + (1 - tc["min_lr_ratio"]) * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+
+
 def unet_velocity(unet, x, sigma, embeds, pooled, time_ids, dtype):
     """The UNet's velocity prediction at noise level `sigma` ([B]), returned in fp32."""
     out = unet(
@@ -93,8 +129,8 @@ class FlowObjective:
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        dist = self.c.vae.encode(pixels.to(self.device, self.c.vae.dtype)).latent_dist
-        z = dist.sample(generator) if generator is not None else dist.mean
+        dist_ = self.c.vae.encode(pixels.to(self.device, self.c.vae.dtype)).latent_dist
+        z = dist_.sample(generator) if generator is not None else dist_.mean
         return z.float() * self.scale
 
     def loss(self, unet, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -112,167 +148,278 @@ class FlowObjective:
         return flow.flow_loss(v, x0, eps)
 
     @torch.no_grad()
-    def validation_loss(self, unet, dataset, indices, seed: int, rank: int, world_size: int) -> float:
+    def validation_loss(self, unet, dataset, indices, seed: int) -> float:
         """Mean loss over the held-out samples, each scored at the same evenly spaced sigmas with the same
         noise every time (keyed by sample index). Samples are spread across ranks; the sum is all-reduced."""
         k = self.tc["val_sigmas"]
         sigma = (torch.arange(k, dtype=torch.float32, device=self.device) + 0.5) / k
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in indices[rank::world_size]:
+        for i in indices[dist.get_rank() :: dist.get_world_size()]:
             item = collate([dataset[int(i)]])
             x0 = self.latents(item["pixels"], None).expand(k, -1, -1, -1)
             eps = torch.randn(x0.shape, generator=keyed_generator(torch.device("cpu"), seed, int(i)))
             eps = eps.to(self.device)
             embeds, pooled = encode_prompts(self.c, item["caption"])
-            time_ids = item["time_ids"].to(self.device).expand(k, -1)
-            v = unet_velocity(
-                unet,
-                flow.noisy_latents(x0, eps, sigma),
-                sigma,
-                embeds.expand(k, -1, -1),
-                pooled.expand(k, -1),
-                time_ids,
-                self.dtype,
-            )
+            x = flow.noisy_latents(x0, eps, sigma)
+            ids = item["time_ids"].to(self.device).expand(k, -1)
+            v = unet_velocity(unet, x, sigma, embeds.expand(k, -1, -1), pooled.expand(k, -1), ids, self.dtype)
             per_sigma = ((v - flow.velocity_target(x0, eps)) ** 2).mean(dim=(1, 2, 3))
-            total += torch.stack([per_sigma.sum().double(), torch.tensor(k, dtype=torch.float64)]).to(
-                self.device
-            )
-        torch.distributed.all_reduce(total)
+            total[0] += per_sigma.sum().double()
+            total[1] += k
+        dist.all_reduce(total)
         return (total[0] / total[1]).item()
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    tags = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
-    for old in tags[:-keep]:
-        shutil.rmtree(old)
+class StopFlag:
+    """Set by SIGTERM/SIGUSR2 on this rank."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.requested = True
+
+
+def agree(stop_requested: bool, loss: torch.Tensor) -> tuple[bool, bool]:
+    """One all-reduce per micro-step: (any rank asked to stop, the loss is finite on every rank)."""
+    flags = torch.stack(
+        [torch.tensor(float(stop_requested), device=loss.device), (~torch.isfinite(loss)).float()]
+    )
+    dist.all_reduce(flags)
+    return flags[0].item() > 0, flags[1].item() == 0
+
+
+def configure_unet(unet, tc: dict) -> None:
+    if tc["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+    if tc["attention"] == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())  # torch scaled_dot_product_attention (flash on GPU)
 
 
 def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Train (or resume from out_dir/checkpoints/latest) for train.steps optimizer steps."""
+    """Train, or resume from out_dir/checkpoints/latest, until train.steps optimizer steps are done."""
     tc, seed = config["train"], config["seed"]
     deepspeed, device = init_distributed()
-    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     bf16 = tc["precision"] == "bf16" or (tc["precision"] == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if tc["ema_decay"] > 0 and tc["zero_stage"] == 3:
+        raise ValueError("train.ema_decay needs the full UNet on every rank: use train.zero_stage <= 2")
 
+    # Model: frozen VAE (fp32: the SDXL VAE overflows in half precision) and text encoders, trained UNet.
     torch.manual_seed(seed)
     c = load_components(base_dir)
     for frozen in (c.vae, c.text_encoder, c.text_encoder_2):
         frozen.requires_grad_(False).eval().to(device)
-    c.vae.to(torch.float32)  # the SDXL VAE overflows in half precision
     c.text_encoder.to(dtype)
     c.text_encoder_2.to(dtype)
+    configure_unet(c.unet, tc)
     unet = c.unet.train()
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"], fused=device.type == "cuda"
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (tc["warmup_steps"] + 1))
-    )
+    optimizer = make_optimizer(unet.parameters(), tc, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
     engine, _, _, _ = deepspeed.initialize(
         model=unet, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, bf16)
     )
+    ema = None
+    if tc["ema_decay"] > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(engine.module.parameters(), decay=tc["ema_decay"], foreach=True)
     objective = FlowObjective(c, tc, device, dtype)
 
     dataset = TrainingSet(data_dir)
     train_idx, val_idx = split_validation(len(dataset), tc["val_size"], seed)
-    state = {"step": 0, "val_loss": []}
-    if (ckpt_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+    state = {"step": 0, "micro_step": 0, "world_size": world_size, "loss": [], "val_loss": [], "nonfinite": 0}
+    client_state = checkpoint.load(engine, ckpt_dir)
+    if client_state is not None:
+        if client_state["world_size"] != world_size:
+            raise ValueError(
+                f"{ckpt_dir} was written by {client_state['world_size']} ranks and this run has {world_size}:"
+                " the data order and ZeRO partitions depend on the world size. Resume with the same number"
+                " of ranks, or start a new run folder."
+            )
         state = {k: client_state[k] for k in state}
-    start_step = state["step"]
+        if ema is not None:
+            names = [name for name, _ in engine.module.named_parameters()]
+            for shadow, name in zip(ema.shadow_params, names, strict=True):
+                shadow.copy_(client_state["ema_unet"][name])
+            ema.optimization_step = client_state["ema_optimization_step"]
 
-    writer = None
+    writer, metrics = None, None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tb"))
         metrics = (out_dir / "metrics.jsonl").open("a")
-        global_batch = tc["micro_batch"] * tc["grad_accum"] * world_size
         print(
-            f"[nyaflow train] world size {world_size}, global batch {global_batch} "
-            f"({tc['micro_batch']} x {tc['grad_accum']} accum x {world_size}), {len(train_idx)} training "
-            f"samples, {len(val_idx)} held out, {'bf16' if bf16 else 'fp32'} on {device.type}, "
-            f"ZeRO {tc['zero_stage']}, starting at step {start_step}/{tc['steps']}",
+            f"[nyaflow train] world size {world_size}, global batch "
+            f"{tc['micro_batch'] * tc['grad_accum'] * world_size} ({tc['micro_batch']} x {tc['grad_accum']} "
+            f"accumulation x {world_size} ranks), {len(train_idx)} training and {len(val_idx)} held-out "
+            f"samples, "
+            f"{'bf16' if bf16 else 'fp32'} on {device.type}, ZeRO {tc['zero_stage']}, "
+            f"starting at step {state['step']}/{tc['steps']}",
             flush=True,
         )
+    wandb_run = None
+    if rank == 0 and tc["wandb_project"]:
+        import wandb
+
+        wandb_run = wandb.init(project=tc["wandb_project"], name=config["run"], config=config, resume="allow")
+
+    def log(step: int, values: dict) -> None:
+        if rank != 0:
+            return
+        for key, value in values.items():
+            writer.add_scalar(key, value, step)
+        metrics.write(json.dumps({"step": step, **values}) + "\n")
+        metrics.flush()
+        if wandb_run:
+            wandb_run.log(values, step=step)
 
     def validate(step: int) -> None:
-        loss = objective.validation_loss(engine, dataset, val_idx, seed, rank, world_size)
+        loss = objective.validation_loss(engine, dataset, val_idx, seed)
         state["val_loss"].append([step, loss])
-        if writer:
-            writer.add_scalar("val/loss", loss, step)
+        log(step, {"val/loss": loss})
+        if rank == 0:
             print(f"[nyaflow train] step {step}: validation loss {loss:.5f}", flush=True)
 
-    def save(step: int) -> None:
-        state["step"] = step
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=dict(state))
-        if rank == 0:
-            prune_checkpoints(ckpt_dir, tc["keep_checkpoints"])
+    def save() -> None:
+        extra = {}
+        if ema is not None and rank == 0:  # DeepSpeed stores the client state from rank 0
+            extra = {
+                "ema_unet": ema_weights(ema, engine.module),
+                "ema_optimization_step": ema.optimization_step,
+            }
+        checkpoint.save(engine, ckpt_dir, state["step"], {**state, **extra}, tc["keep_checkpoints"])
 
-    if start_step == 0:
+    if state["step"] == 0:
         validate(0)
+    stop = StopFlag()
     batches = micro_batches(
-        dataset,
-        train_idx,
-        tc["micro_batch"],
-        seed,
-        world_size,
-        rank,
-        start_step * tc["grad_accum"],
-        tc["num_workers"],
+        dataset, train_idx, tc["micro_batch"], seed, world_size, rank, state["micro_step"], tc["num_workers"]
     )
-    step, micro = start_step, start_step * tc["grad_accum"]
-    loss_sum, images, epoch = torch.zeros((), device=device), 0, 0
+    loss_sum, images, consecutive_bad, in_window = torch.zeros((), device=device), 0, 0, 0
     t_start = t_log = time.perf_counter()
-    while step < tc["steps"]:
+    while state["step"] < tc["steps"]:
         epoch, batch = next(batches)
-        loss = objective.loss(engine, batch, keyed_generator(device, seed, rank, micro))
+        loss = objective.loss(engine, batch, keyed_generator(device, seed, rank, state["micro_step"]))
+        stop_requested, finite = agree(stop.requested, loss.detach())
+        if stop_requested and in_window == 0:  # only between optimizer steps, so that resuming is exact
+            save()
+            raise Preempted(f"stopped by a signal at step {state['step']}; its checkpoint is saved")
+        state["micro_step"] += 1
+        if not finite:
+            state["nonfinite"] += 1
+            consecutive_bad += 1
+            log(state["step"], {"train/nonfinite_total": state["nonfinite"]})
+            if consecutive_bad >= tc["max_nonfinite"]:
+                raise NonFiniteLoss(
+                    f"{consecutive_bad} micro-steps in a row had a non-finite loss at step {state['step']};"
+                    f" the last checkpoint ({checkpoint.latest_tag(ckpt_dir)}) is intact"
+                )
+            continue
+        consecutive_bad = 0
         engine.backward(loss)
         engine.step()
-        micro += 1
         loss_sum += loss.detach()
         images += len(batch["caption"]) * world_size
-        if micro % tc["grad_accum"]:
+        in_window = (in_window + 1) % tc["grad_accum"]
+        if in_window:
             continue
-        step += 1
+        state["step"] += 1
+        step = state["step"]
+        if ema is not None:
+            ema.step(engine.module.parameters())
         if step % tc["log_every"] == 0 or step == tc["steps"]:
-            torch.distributed.all_reduce(loss_sum)
+            dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / (world_size * tc["log_every"] * tc["grad_accum"])
+            state["loss"].append([step, mean_loss])
             now = time.perf_counter()
-            if writer:
-                rate = images / (now - t_log)
-                record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch}
-                record |= {"images_per_s": rate}
-                for key, value in record.items():
-                    if key != "step":
-                        writer.add_scalar(f"train/{key}", value, step)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+            grad_norm = engine.get_global_grad_norm()
+            rate = images / (now - t_log)
+            log(
+                step,
+                {
+                    "train/loss": mean_loss,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/images_per_s": rate,
+                    "train/images_seen": step * tc["micro_batch"] * tc["grad_accum"] * world_size,
+                    "train/epoch": epoch,
+                },
+            )
+            if rank == 0:
                 print(f"[nyaflow train] step {step}: loss {mean_loss:.5f}, {rate:.1f} img/s", flush=True)
             loss_sum.zero_()
             images, t_log = 0, now
         if step % tc["val_every"] == 0 or step == tc["steps"]:
             validate(step)
+        if tc["sample_every"] and (step % tc["sample_every"] == 0 or step == tc["steps"]) and rank == 0:
+            write_training_samples(c, engine.module, config, out_dir / "samples", step, writer)
         if step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
-            save(step)
+            save()
 
     summary = {
-        "steps": step,
+        "steps": state["step"],
         "world_size": world_size,
         "global_batch": tc["micro_batch"] * tc["grad_accum"] * world_size,
-        "images_seen": step * tc["micro_batch"] * tc["grad_accum"] * world_size,
+        "images_seen": state["step"] * tc["micro_batch"] * tc["grad_accum"] * world_size,
+        "loss": state["loss"],
         "val_loss": state["val_loss"],
-        "val_loss_first": state["val_loss"][0][1] if state["val_loss"] else math.nan,
-        "val_loss_last": state["val_loss"][-1][1] if state["val_loss"] else math.nan,
-        "seconds": time.perf_counter() - t_start,
+        "val_loss_first": state["val_loss"][0][1],
+        "val_loss_last": state["val_loss"][-1][1],
+        "nonfinite_skipped": state["nonfinite"],
+        "seconds_this_session": time.perf_counter() - t_start,
+        "checkpoint": checkpoint.latest_tag(ckpt_dir),
     }
-    torch.distributed.barrier()
     if rank == 0:
-        summary["latest"] = (ckpt_dir / "latest").read_text().strip()
         writer.close()
         metrics.close()
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if wandb_run:
+            wandb_run.finish()
+        tmp = out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out_dir / "summary.json")
+    dist.barrier()
     return summary
+
+
+def ema_weights(ema, module) -> dict[str, torch.Tensor]:
+    """The EMA weights as a named state dict (the export stage reads it from the checkpoint)."""
+    names = [name for name, _ in module.named_parameters()]
+    return {name: p.detach().float().cpu().clone() for name, p in zip(names, ema.shadow_params, strict=True)}
+
+
+@torch.no_grad()
+def write_training_samples(c: Components, unet, config: dict, folder: Path, step: int, writer) -> None:
+    """Rank 0: a small grid of the configured prompts and seeds, to samples/step<N>.png and TensorBoard."""
+    from nyaflow.sample import labelled_grid, sample
+
+    sc = config["sample"]
+    was_training = unet.training
+    unet.eval()
+    images = sample(
+        Components(unet, c.vae, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2),
+        sc["prompts"],
+        sc["seeds"],
+        sc["steps"],
+        sc["guidance"],
+        sc["shift"],
+        sc["height"],
+        sc["width"],
+    )
+    unet.train(was_training)
+    grid = labelled_grid(images, sc["prompts"], [f"seed {s}" for s in sc["seeds"]])
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"step{step:08d}.png")
+    writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")

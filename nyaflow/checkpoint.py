@@ -1,0 +1,66 @@
+"""Training checkpoints: DeepSpeed engine state plus nyaflow's own state, saved by all ranks together.
+
+Layout in the checkpoint folder: `step00001000/` (one DeepSpeed checkpoint per tag) and `latest`, a text
+file naming the newest complete tag. A checkpoint is written as `<tag>.partial/` by every rank, then,
+after a barrier, renamed to `<tag>/` by rank 0, and only then is `latest` replaced (write a temporary file,
+rename it). A process killed at any moment therefore leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_tag(folder: Path) -> str | None:
+    """The tag `latest` names, or None when there is no complete checkpoint yet."""
+    path = Path(folder) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not (Path(folder) / tag).is_dir():
+        raise FileNotFoundError(f"{path} names {tag}, which does not exist (the folder was changed)")
+    return tag
+
+
+def save(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
+    """Save collectively (call on every rank); returns the tag. Keeps the newest `keep` checkpoints."""
+    folder, tag = Path(folder), tag_for(step)
+    rank = dist.get_rank()
+    if rank == 0:  # leftovers of a save that was killed
+        for stale in folder.glob("step*.partial"):
+            shutil.rmtree(stale)
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=f"{tag}.partial", client_state=client_state, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(folder / tag, ignore_errors=True)
+        os.replace(folder / f"{tag}.partial", folder / tag)
+        pointer = folder / f"{LATEST}.tmp"
+        pointer.write_text(tag)
+        os.replace(pointer, folder / LATEST)
+        complete = sorted(p for p in folder.glob("step*") if p.is_dir() and not p.name.endswith(".partial"))
+        for old in complete[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return tag
+
+
+def load(engine, folder: Path) -> dict | None:
+    """Load the `latest` checkpoint into the engine (every rank); returns its client state, or None."""
+    tag = latest_tag(folder)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(folder) / tag}")
+    return client_state
