@@ -160,7 +160,8 @@ def sample_latents(
 
         def velocity(x, sigma, embeds=embeds, cond_kwargs=cond_kwargs, n=n):
             x_in = torch.cat([x, x]) if guide else x
-            t = flow.timesteps(sigma).expand(len(x_in)).to(device, dtype)
+            # fp32 timesteps, as the pipeline passes them: bf16 would round 1000 sigma to a multiple of 4
+            t = flow.timesteps(sigma).expand(len(x_in)).to(device, torch.float32)
             v = c.unet(x_in.to(dtype), t, embeds, added_cond_kwargs=cond_kwargs).sample.float()
             return flow.guided(v[:n], v[n:], guidance) if guide else v
 
