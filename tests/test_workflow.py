@@ -86,6 +86,8 @@ def test_report_has_plots_grids_and_accounting(demo_run):
     import re
     import zipfile
 
+    from conftest import REPO
+
     workdir, dry, _ = demo_run
     assert "report" in dry.stdout
     results = workdir / "results" / "demo"
@@ -93,7 +95,9 @@ def test_report_has_plots_grids_and_accounting(demo_run):
         assert (results / "report" / name).stat().st_size > 500, name
     assert Image.open(results / "report" / "loss.png").format == "PNG"
 
-    result = run_snakemake(workdir, "--report", str(workdir / "report.zip"))
+    # The profile gives --cores, which rules with `threads: workflow.cores` need even to build the DAG.
+    profile = ["--profile", str(REPO / "cluster" / "local")]
+    result = run_snakemake(workdir, *profile, "--report", str(workdir / "report.zip"))
     assert result.returncode == 0, result.stderr[-3000:]
     with zipfile.ZipFile(workdir / "report.zip") as z:
         files = {name.rsplit("/", 1)[-1]: name for name in z.namelist()}
@@ -106,7 +110,7 @@ def test_report_has_plots_grids_and_accounting(demo_run):
         assert reason in data, reason
     assert "images seen" in training and "throughput, median" in training
 
-    result = run_snakemake(workdir, "--report", str(workdir / "report.html"))
+    result = run_snakemake(workdir, *profile, "--report", str(workdir / "report.html"))
     assert result.returncode == 0, result.stderr[-3000:]
     page = (workdir / "report.html").read_text()
     embedded = dict(re.findall(r"filename=([\w.-]+);base64,([A-Za-z0-9+/=]+)", page))
