@@ -8,13 +8,17 @@ rename it). A process killed at any moment therefore leaves `latest` naming a co
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
+from nyaflow.errors import UserError
+
 LATEST = "latest"
+INFO = "nyaflow.json"  # step and world size, readable without loading the checkpoint
 
 
 def tag_for(step: int) -> str:
@@ -43,6 +47,8 @@ def save(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
     engine.save_checkpoint(str(folder), tag=f"{tag}.partial", client_state=client_state, save_latest=False)
     dist.barrier()
     if rank == 0:
+        info = {"step": step, "world_size": dist.get_world_size()}
+        (folder / f"{tag}.partial" / INFO).write_text(json.dumps(info))
         shutil.rmtree(folder / tag, ignore_errors=True)
         os.replace(folder / f"{tag}.partial", folder / tag)
         pointer = folder / f"{LATEST}.tmp"
@@ -56,10 +62,19 @@ def save(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
 
 
 def load(engine, folder: Path) -> dict | None:
-    """Load the `latest` checkpoint into the engine (every rank); returns its client state, or None."""
+    """Load the `latest` checkpoint into the engine (every rank); returns its client state, or None.
+
+    A checkpoint written by another number of ranks is refused: ZeRO partitions and the data order depend
+    on the world size."""
     tag = latest_tag(folder)
     if tag is None:
         return None
+    saved = json.loads((Path(folder) / tag / INFO).read_text())["world_size"]
+    if saved != dist.get_world_size():
+        raise UserError(
+            f"{Path(folder) / tag} was written by {saved} ranks and this run has {dist.get_world_size()}:"
+            " resume with the same number of ranks, or start a new run folder"
+        )
     path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(folder) / tag}")

@@ -120,6 +120,18 @@ def unet_velocity(unet, x, sigma, embeds, pooled, time_ids, dtype):
     return out.float()
 
 
+def latent_loss(unet, x0, embeds, pooled, time_ids, tc: dict, generator: torch.Generator, dtype):
+    """The flow-matching loss of latents x0 (already scaled) and prompt embeddings (caption dropout applied):
+    draws sigma, then the noise, from `generator`. FlowObjective.loss ends here; `nyaflow bench train` calls
+    it directly with cached-latent-shaped tensors."""
+    n, device = x0.shape[0], x0.device
+    sigma = flow.sample_sigmas(n, tc["sigma_mean"], tc["sigma_std"], tc["shift"], generator, device)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    x = flow.noisy_latents(x0, eps, sigma)
+    v = unet_velocity(unet, x, sigma, embeds, pooled, time_ids, dtype)
+    return flow.flow_loss(v, x0, eps)
+
+
 class FlowObjective:
     """A data batch -> the flow-matching loss (DESIGN.md §2), with the frozen VAE and text encoders."""
 
@@ -140,12 +152,8 @@ class FlowObjective:
         keep = torch.rand(n, generator=generator, device=generator.device) >= tc["caption_dropout"]
         prompts = [c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)]
         embeds, pooled = encode_prompts(self.c, prompts)
-        sigma = flow.sample_sigmas(n, tc["sigma_mean"], tc["sigma_std"], tc["shift"], generator, self.device)
-        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(self.device)
-        x = flow.noisy_latents(x0, eps, sigma)
         time_ids = batch["time_ids"].to(self.device)
-        v = unet_velocity(unet, x, sigma, embeds, pooled, time_ids, self.dtype)
-        return flow.flow_loss(v, x0, eps)
+        return latent_loss(unet, x0, embeds, pooled, time_ids, tc, generator, self.dtype)
 
     @torch.no_grad()
     def validation_loss(self, unet, dataset, indices, seed: int) -> float:
@@ -204,6 +212,18 @@ def configure_unet(unet, tc: dict) -> None:
         unet.set_attn_processor(AttnProcessor2_0())  # torch scaled_dot_product_attention (flash on GPU)
 
 
+def build_engine(deepspeed, unet, tc: dict, device: torch.device, bf16: bool):
+    """(engine, lr scheduler): the UNet in training mode wrapped by DeepSpeed with nyaflow's optimizer and
+    learning-rate schedule. `train` and `nyaflow bench train` both build it here."""
+    unet = unet.train()
+    optimizer = make_optimizer(unet.parameters(), tc, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
+    engine, _, _, _ = deepspeed.initialize(
+        model=unet, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, bf16)
+    )
+    return engine, scheduler
+
+
 def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """Train, or resume from out_dir/checkpoints/latest, until train.steps optimizer steps are done."""
     tc, seed = config["train"], config["seed"]
@@ -224,12 +244,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     c.text_encoder.to(dtype)
     c.text_encoder_2.to(dtype)
     configure_unet(c.unet, tc)
-    unet = c.unet.train()
-    optimizer = make_optimizer(unet.parameters(), tc, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
-    engine, _, _, _ = deepspeed.initialize(
-        model=unet, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, bf16)
-    )
+    engine, scheduler = build_engine(deepspeed, c.unet, tc, device, bf16)
     ema = None
     if tc["ema_decay"] > 0:
         from diffusers.training_utils import EMAModel
@@ -242,12 +257,6 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     state = {"step": 0, "micro_step": 0, "world_size": world_size, "loss": [], "val_loss": [], "nonfinite": 0}
     client_state = checkpoint.load(engine, ckpt_dir)
     if client_state is not None:
-        if client_state["world_size"] != world_size:
-            raise ValueError(
-                f"{ckpt_dir} was written by {client_state['world_size']} ranks and this run has {world_size}:"
-                " the data order and ZeRO partitions depend on the world size. Resume with the same number"
-                " of ranks, or start a new run folder."
-            )
         state = {k: client_state[k] for k in state}
         if ema is not None:
             names = [name for name, _ in engine.module.named_parameters()]
