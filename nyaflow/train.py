@@ -110,10 +110,11 @@ def lr_factor(step: int, tc: dict) -> float:
 
 
 def unet_velocity(unet, x, sigma, embeds, pooled, time_ids, dtype):
-    """The UNet's velocity prediction at noise level `sigma` ([B]), returned in fp32."""
+    """The UNet's velocity prediction at noise level `sigma` ([B]), returned in fp32. The timestep stays
+    fp32 (bf16 would round 1000 * sigma to 3 significant digits); the UNet casts its embedding."""
     out = unet(
         x.to(dtype),
-        flow.timesteps(sigma).to(dtype),
+        flow.timesteps(sigma).float(),
         encoder_hidden_states=embeds.to(dtype),
         added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
     ).sample
