@@ -1,10 +1,15 @@
 """The training data: bucketed shards -> deterministic, rank-sharded, bucket-homogeneous batches.
 
-Order: for epoch e, every bucket's samples are permuted with the generator seeded by (seed, e), cut into
-micro batches, and the batches of all buckets are permuted together. Micro batch j goes to global rank
-j % world_size; the incomplete last round (fewer batches than ranks) is dropped, so every rank takes the
-same number of steps. The position in the data is therefore a function of the micro-step count alone:
-a resumed run that restarts at micro-step k sees exactly the batches an uninterrupted run sees.
+Order: for epoch e, every bucket's samples are permuted with the generator seeded by (seed, e) and cut
+into micro batches; while the number of batches is not a multiple of the world size, the largest batch is
+split in two, so that every rank takes the same number of steps and no sample is dropped or repeated
+(a few batches at the end of a bucket are then smaller than train.micro_batch; only when every batch holds
+a single sample and their number is not a multiple of the world size are the last `number % world_size`
+left out of that epoch, a different few each epoch). The batches of all buckets
+are permuted together and micro batch j goes to global rank j % world_size. Every sample is visited exactly
+once per epoch, for any world size and any number of loader workers (workers only prefetch the batches of
+this fixed list, in order). The position in the data is a function of the micro-step count alone: a run
+resumed at micro-step k sees exactly the batches an uninterrupted run sees.
 """
 
 from __future__ import annotations
@@ -85,16 +90,22 @@ def epoch_batches(
     rank: int,
 ) -> list[list[int]]:
     """This rank's micro batches (lists of sample indices) for one epoch, in order."""
+    if len(indices) < world_size:
+        raise ValueError(f"{len(indices)} training samples cannot feed {world_size} ranks")
     rng = np.random.default_rng([seed, epoch])
     batches = []
     for bucket in np.unique(bucket_ids[indices]):
         members = rng.permutation(indices[bucket_ids[indices] == bucket])
         batches += [members[i : i + batch_size].tolist() for i in range(0, len(members), batch_size)]
+    while len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda j: (len(batches[j]), -j))
+        if len(batches[largest]) == 1:  # only single-sample batches left: nothing more to split
+            del batches[len(batches) - len(batches) % world_size :]
+            break
+        batch = batches.pop(largest)
+        batches += [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
     order = rng.permutation(len(batches))
-    rounds = len(batches) // world_size
-    if rounds == 0:
-        raise ValueError(f"{len(batches)} micro batches per epoch cannot feed {world_size} ranks")
-    return [batches[j] for j in order[rank : rounds * world_size : world_size]]
+    return [batches[j] for j in order[rank::world_size]]
 
 
 def micro_batches(

@@ -1,0 +1,69 @@
+"""The training loader: exactly-once coverage per epoch for any world size and worker count,
+bucket-homogeneous batches, per-epoch reshuffling, and resume equivalence at an arbitrary micro-step."""
+
+import numpy as np
+import pytest
+
+from nyaflow.loader import TrainingSet, epoch_batches, micro_batches, split_validation
+
+BUCKETS = np.repeat([0, 1, 2], [17, 9, 30])  # 56 samples in 3 buckets of uneven size
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("batch_size", [2, 4, 7])
+def test_every_sample_exactly_once_per_epoch(world_size, batch_size):
+    indices = np.arange(len(BUCKETS))
+    for epoch in (0, 1):
+        per_rank = [
+            epoch_batches(indices, BUCKETS, batch_size, seed=7, epoch=epoch, world_size=world_size, rank=r)
+            for r in range(world_size)
+        ]
+        assert len({len(batches) for batches in per_rank}) == 1  # same number of steps on every rank
+        seen = sorted(i for batches in per_rank for batch in batches for i in batch)
+        assert seen == list(range(len(BUCKETS)))  # none missing, none twice
+        for batches in per_rank:
+            for batch in batches:
+                assert 1 <= len(batch) <= batch_size
+                assert len(set(BUCKETS[batch])) == 1  # one bucket per batch
+
+
+def test_single_sample_batches_leave_out_fewer_than_world_size_samples():
+    indices = np.arange(len(BUCKETS))
+    per_rank = [epoch_batches(indices, BUCKETS, 1, 0, 0, world_size=3, rank=r) for r in range(3)]
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == 54  # 56 samples, 2 = 56 % 3 left out
+    assert len({len(batches) for batches in per_rank}) == 1
+
+
+def test_order_is_seeded_and_reshuffled_per_epoch():
+    indices = np.arange(len(BUCKETS))
+    e0 = epoch_batches(indices, BUCKETS, 4, seed=7, epoch=0, world_size=2, rank=1)
+    assert e0 == epoch_batches(indices, BUCKETS, 4, seed=7, epoch=0, world_size=2, rank=1)
+    assert e0 != epoch_batches(indices, BUCKETS, 4, seed=7, epoch=1, world_size=2, rank=1)
+    assert e0 != epoch_batches(indices, BUCKETS, 4, seed=8, epoch=0, world_size=2, rank=1)
+
+
+def test_too_few_samples_for_the_ranks_is_refused():
+    with pytest.raises(ValueError, match="cannot feed 8 ranks"):
+        epoch_batches(np.arange(5), np.zeros(5, dtype=int), 4, 0, 0, world_size=8, rank=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_covers_the_epoch_and_resumes_exactly(demo_data, world_size, num_workers):
+    _, data_dir, _, _ = demo_data
+    ds = TrainingSet(data_dir)
+    train_idx, val_idx = split_validation(len(ds), 4, seed=0)
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(ds)
+
+    def take(rank, start, n):
+        it = micro_batches(ds, train_idx, 3, 0, world_size, rank, start, num_workers)
+        return [(epoch, batch["index"].tolist()) for epoch, batch in (next(it) for _ in range(n))]
+
+    per_epoch = len(epoch_batches(train_idx, ds.bucket_ids, 3, 0, 0, world_size, 0))
+    first_epoch = [i for r in range(world_size) for _, b in take(r, 0, per_epoch) for i in b]
+    assert sorted(first_epoch) == sorted(train_idx.tolist())
+    full = take(0, 0, 2 * per_epoch + 2)  # crosses two epoch boundaries
+    assert {e for e, _ in full} == {0, 1, 2}
+    k = per_epoch + 1  # an arbitrary micro-step in the second epoch
+    assert take(0, k, len(full) - k) == full[k:]
