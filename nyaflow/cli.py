@@ -23,16 +23,29 @@ def cmd_demo_source(cfg: dict, args) -> None:
     print(f"demo source: {len(table)} rows in {args.out / 'urls.parquet'}")
 
 
-def cmd_download(cfg: dict, args) -> None:
-    from nyaflow.download import download
+def cmd_prefilter(cfg: dict, args) -> None:
+    from nyaflow.prefilter import prefilter
 
-    download(cfg, args.table, args.out, serve_dir=args.serve)
+    print(json.dumps(prefilter(cfg, args.table, args.out), indent=2))
+
+
+def cmd_download(cfg: dict, args) -> None:
+    from nyaflow.download import download_part
+
+    print(json.dumps(download_part(cfg, args.table, args.out, serve_dir=args.serve), indent=2))
 
 
 def cmd_preprocess(cfg: dict, args) -> None:
-    from nyaflow.preprocess import preprocess
+    from nyaflow.preprocess import STATUSES, preprocess_part
 
-    manifest = preprocess(cfg, args.table, args.download, args.out, processes=args.processes)
+    rows = preprocess_part(cfg, args.table, args.download, args.shards, args.rows, processes=args.processes)
+    print(json.dumps({s: int((rows["status"] == s).sum()) for s in STATUSES}, indent=2))
+
+
+def cmd_manifest(cfg: dict, args) -> None:
+    from nyaflow.preprocess import write_manifest
+
+    manifest = write_manifest(cfg, args.prefilter, args.parts, args.out)
     print(json.dumps({k: manifest[k] for k in ("rows_in", "counts", "buckets")}, indent=2))
 
 
@@ -98,18 +111,26 @@ def parser() -> argparse.ArgumentParser:
     s = stage("demo-source", cmd_demo_source, "generate the synthetic demo images and their URL table")
     s.add_argument("--out", type=Path, required=True, help="folder for images/ and urls.parquet")
 
-    s = stage("download", cmd_download, "download a URL table with img2dataset into webdataset shards")
-    s.add_argument("--table", type=Path, required=True, help="URL table (parquet with id, url, caption)")
-    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s = stage("prefilter", cmd_prefilter, "drop unwanted rows of the URL table and split the rest into parts")
+    s.add_argument("--table", type=Path, required=True, help="URL table (parquet, csv or jsonl)")
+    s.add_argument("--out", type=Path, required=True, help="folder for part-NNNNN.parquet, dropped.parquet")
+
+    s = stage("download", cmd_download, "download one part with img2dataset into checked webdataset shards")
+    s.add_argument("--table", type=Path, required=True, help="a part table written by the prefilter")
+    s.add_argument("--out", type=Path, required=True, help="output folder (resumes from <out>.partial)")
     s.add_argument("--serve", type=Path, help="serve this folder on 127.0.0.1:data.demo.port meanwhile")
 
-    s = stage(
-        "preprocess", cmd_preprocess, "filter, bucket and reshard downloaded images; write the manifest"
-    )
-    s.add_argument("--table", type=Path, required=True, help="the URL table that was downloaded")
-    s.add_argument("--download", type=Path, required=True, help="the download stage's folder")
-    s.add_argument("--out", type=Path, required=True, help="data folder (shards/, manifest.json)")
+    s = stage("preprocess", cmd_preprocess, "decode, filter, bucket and reshard one downloaded part")
+    s.add_argument("--table", type=Path, required=True, help="the part table that was downloaded")
+    s.add_argument("--download", type=Path, required=True, help="the part's download folder")
+    s.add_argument("--shards", type=Path, required=True, help="folder for the part's training shards")
+    s.add_argument("--rows", type=Path, required=True, help="parquet file for the fate of the part's rows")
     s.add_argument("--processes", type=int, default=1, help="worker processes (one downloaded shard each)")
+
+    s = stage("manifest", cmd_manifest, "account for every input row: write manifest.json and rows.parquet")
+    s.add_argument("--prefilter", type=Path, required=True, help="the prefilter's folder")
+    s.add_argument("--parts", type=Path, nargs="+", required=True, help="every part's rows (parquet)")
+    s.add_argument("--out", type=Path, required=True, help="data folder (manifest.json, rows.parquet)")
 
     s = stage("base-model", cmd_base_model, "build (tiny) or check (local folder) the base model")
     s.add_argument("--out", type=Path, required=True, help="diffusers folder to write")

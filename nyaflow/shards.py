@@ -93,3 +93,29 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+
+
+def check_tar(path: Path) -> list[str]:
+    """The sample keys of a tar shard, after checking that it is complete: every member's data is in the
+    file and the end-of-archive marker (two zero blocks) follows the last member. A tar cut off at a member
+    boundary reads without error in `tarfile`; this catches it. Raises ValueError if it is not complete."""
+    path = Path(path)
+    size = path.stat().st_size
+    keys: dict[str, None] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            end = 0
+            for member in tar:
+                end = member.offset_data + tarfile.BLOCKSIZE * -(-member.size // tarfile.BLOCKSIZE)
+                if member.offset_data + member.size > size:
+                    raise ValueError(f"{path.name}: member {member.name} is cut off")
+                if member.isfile():
+                    keys[split_name(member.name)[0]] = None
+    except tarfile.TarError as e:
+        raise ValueError(f"{path.name} is truncated or not a tar file ({e})") from e
+    with open(path, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise ValueError(f"{path.name} has no end-of-archive marker (truncated)")
+    return list(keys)
