@@ -6,7 +6,7 @@ and shift (tests/test_sample.py pins it):
 
 - The initial noise of seed s is `torch.randn` of one latent from a CPU generator seeded with s, as the
   pipeline draws it with `generator=[torch.Generator().manual_seed(s), ...]` (one generator per image).
-  So an image depends only on its seed, never on the batch it was drawn in or on the device.
+  So an image's starting noise depends only on its seed: not on its batch, nor on the device.
 - The sigma grid is diffusers' (nyaflow.flow.inference_sigmas); Euler steps run in fp32.
 - The unconditional branch is the negative prompt; an empty negative prompt is zero embeddings (SDXL's
   `force_zeros_for_empty_prompt`, as the pipeline does with `negative_prompt=None`).
@@ -109,7 +109,8 @@ def check_prompt_lengths(c: Components, prompts: Sequence[Prompt]) -> None:
 
 
 def _as_prompts(prompts: Sequence[str | Prompt]) -> list[Prompt]:
-    return [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+    """Strings are read as config lines: 'prompt' or 'prompt | negative prompt'."""
+    return [p if isinstance(p, Prompt) else parse_prompt(p) for p in prompts]
 
 
 def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -193,7 +194,8 @@ def sample(
     width: int,
     batch_size: int = 8,
 ) -> list[list[Image.Image]]:
-    """Images [prompt][seed] as PIL images."""
+    """Images [prompt][seed] as PIL images. A prompt is a Prompt, or a string read like a line of a prompt
+    file ('prompt | negative prompt')."""
     latents = sample_latents(c, prompts, seeds, steps, guidance, shift, height, width, batch_size)
     images = decode(c, latents, batch_size)
     n = len(seeds)
