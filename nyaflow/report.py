@@ -48,17 +48,23 @@ def _number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _key(name: str) -> str:
+    """The trainer logs TensorBoard tags ("train/loss", "val/loss"); the report reads plain names."""
+    return "val_loss" if name == "val/loss" else name.removeprefix("train/")
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as a list sorted by step. A resumed run logs again the steps after its checkpoint:
-    the last record of a step wins. Missing file -> []."""
+    """metrics.jsonl as one dict per step (the records of a step merged), sorted by step, with plain keys:
+    loss, images_per_s, lr, val_loss, ... A resumed run logs again the steps after its checkpoint: the later
+    record wins. Missing file -> []."""
     path = Path(path)
     if not path.is_file():
         return []
     by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
+            record = {_key(k): v for k, v in json.loads(line).items()}
+            by_step.setdefault(int(record["step"]), {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -99,6 +105,8 @@ def _save(plt, fig, path: Path) -> None:
 def plot_loss(metrics: list[dict], summary: dict, path: Path, title: str = "") -> None:
     plt, fig, ax = _figure()
     train = [(m["step"], m["loss"]) for m in metrics if _number(m.get("loss"))]
+    if not train:  # the loss history the trainer keeps in its checkpoints and summary
+        train = [(s, v) for s, v in summary.get("loss", []) if _number(v)]
     val = [(s, v) for s, v in summary.get("val_loss", []) if _number(v)]
     if train:
         ax.plot(*zip(*train, strict=True), label="training loss (mean over the logging interval)", lw=1.2)
@@ -191,16 +199,19 @@ def training_html(summary: dict, metrics: list[dict], scores: dict | None, run: 
         ["images seen", summary.get("images_seen")],
         ["global batch", summary.get("global_batch")],
         ["processes (GPUs, or CPU ranks)", summary.get("world_size")],
-        ["latest checkpoint", summary.get("latest")],
-        ["wall time of the last training job", _duration(summary.get("seconds"))],
+        ["latest checkpoint", summary.get("checkpoint", summary.get("latest"))],
+        ["wall time of the last training job", _duration(summary.get("seconds_this_session"))],
         ["throughput, median (images / s)", rate["median"]],
         ["throughput per process (images / s)", per_process],
         ["throughput, last interval (images / s)", rate["last"]],
         ["validation loss, first", summary.get("val_loss_first")],
         ["validation loss, last", summary.get("val_loss_last")],
     ]
-    if metrics:
-        rows.append(["training loss, last logged", metrics[-1].get("loss")])
+    losses = [m["loss"] for m in metrics if _number(m.get("loss"))]
+    if losses:
+        rows.append(["training loss, last logged", losses[-1]])
+    if "nonfinite_skipped" in summary:
+        rows.append(["micro-steps skipped for a non-finite loss", summary["nonfinite_skipped"]])
     body = ["<h3>Summary</h3>", _table(["", "value"], rows)]
     val = summary.get("val_loss", [])
     if val:

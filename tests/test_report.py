@@ -29,11 +29,15 @@ def finished_run(tmp_path):
     train, data, samples = tmp_path / "train", tmp_path / "data", tmp_path / "samples"
     for d in (train, data, samples):
         d.mkdir()
-    lines = [{"step": s, "loss": 1.0 / s, "lr": 1e-4, "epoch": 0, "images_per_s": 10.0 + s} for s in (5, 10)]
-    # A resumed run logs step 10 again: the second record wins.
+    # The trainer's records: TensorBoard tags as keys, validation in a record of its own.
+    lines = [
+        {"step": s, "train/loss": 1 / s, "train/lr": 1e-4, "train/images_per_s": 10.0 + s} for s in (5, 10)
+    ]
+    lines.append({"step": 10, "val/loss": 0.7})
+    # A resumed run logs step 10 again: the later record wins.
     lines += [
-        {"step": 10, "loss": 0.05, "images_per_s": 30.0},
-        {"step": 15, "loss": 0.04, "images_per_s": 31.0},
+        {"step": 10, "train/loss": 0.05, "train/images_per_s": 30.0},
+        {"step": 15, "train/loss": 0.04, "train/images_per_s": 31.0},
     ]
     (train / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     summary = {
@@ -44,8 +48,9 @@ def finished_run(tmp_path):
         "val_loss": [[0, 1.5], [15, 0.5]],
         "val_loss_first": 1.5,
         "val_loss_last": 0.5,
-        "seconds": 3725.0,
-        "latest": "step00000015",
+        "seconds_this_session": 3725.0,
+        "checkpoint": "step00000015",
+        "nonfinite_skipped": 0,
     }
     (train / "summary.json").write_text(json.dumps(summary))
     (data / "manifest.json").write_text(json.dumps(MANIFEST))
@@ -57,7 +62,7 @@ def finished_run(tmp_path):
 def test_metrics_of_a_resumed_run_and_throughput(finished_run):
     metrics = read_metrics(finished_run / "train" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [5, 10, 15]
-    assert metrics[1]["loss"] == 0.05
+    assert metrics[1] == {"step": 10, "loss": 0.05, "lr": 1e-4, "images_per_s": 30.0, "val_loss": 0.7}
     assert throughput(metrics) == {"median": 30.5, "last": 31.0, "intervals": 3}
     assert read_metrics(finished_run / "nothing.jsonl") == []
     assert throughput([]) == {"median": None, "last": None, "intervals": 0}
