@@ -63,6 +63,19 @@ def cmd_fetch_base(cfg: dict, args) -> None:
     fetch(repo, args.out, configs_only=kind == "single_file")
 
 
+def cmd_cache_latents(cfg: dict, args) -> None:
+    from nyaflow.latents import cache_part
+
+    n = cache_part(args.base, args.data, args.out, args.part, args.parts, cfg["latents"]["batch_size"])
+    print(f"cached the latents of {n} samples in {args.out}")
+
+
+def cmd_gather_latents(cfg: dict, args) -> None:
+    from nyaflow.latents import gather
+
+    print(f"{len(gather(args.data, args.out, args.parts)['shards'])} latent shards in {args.out}")
+
+
 def cmd_train(cfg: dict, args) -> int:
     from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
 
@@ -139,6 +152,18 @@ def parser() -> argparse.ArgumentParser:
 
     s = stage("fetch-base", cmd_fetch_base, "download model.base (or model.base_config) from the hub")
     s.add_argument("--out", type=Path, required=True, help="folder to write (resources/hub/<owner>--<name>)")
+
+    s = stage("cache-latents", cmd_cache_latents, "encode one part of the training shards with the VAE")
+    s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
+    s.add_argument("--data", type=Path, required=True, help="data folder (manifest.json, shards/)")
+    s.add_argument("--part", type=int, required=True, help="this part's number, 0 <= part < parts")
+    s.add_argument("--parts", type=int, required=True, help="number of parts (shard i: part i mod parts)")
+    s.add_argument("--out", type=Path, required=True, help="folder for this part's latent shards")
+
+    s = stage("gather-latents", cmd_gather_latents, "check the cached parts and write the latent manifest")
+    s.add_argument("--data", type=Path, required=True, help="data folder (manifest.json)")
+    s.add_argument("--parts", type=int, required=True, help="number of parts")
+    s.add_argument("--out", type=Path, required=True, help="latents folder (part-*/, manifest.json)")
 
     s = stage("train", cmd_train, "flow-matching training with DeepSpeed (resumes from checkpoints/latest)")
     s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")

@@ -26,19 +26,23 @@ from nyaflow.shards import TarIndex
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """All samples listed in a data manifest. Item: {pixels [3,h,w] in [-1, 1], caption, time_ids [6]}."""
+    """All samples listed in a data manifest (training shards, or cached-latent shards: nyaflow.latents).
+
+    Item: {pixels [3, h, w] in [-1, 1] | latents [2C, h/f, w/f] (VAE posterior mean and log-variance),
+    caption, time_ids [6], index}."""
 
     def __init__(self, data_dir: Path):
         data_dir = Path(data_dir)
         manifest = json.loads((data_dir / "manifest.json").read_text())
+        root = data_dir / manifest.get("shards_dir", "shards")
         self.shards = []
         buckets = []
         for entry in manifest["shards"]:
-            index = TarIndex(data_dir / "shards" / entry["path"])
+            index = TarIndex(root / entry["path"])
             if len(index) != entry["count"]:
                 raise ValueError(
                     f"shard {entry['path']} holds {len(index)} samples, the manifest says {entry['count']}:"
-                    " the shard is truncated or was changed; rerun the preprocess stage"
+                    " the shard is truncated or was changed; rerun the stage that wrote it"
                 )
             self.shards.append(index)
             buckets += [tuple(entry["bucket"])] * len(index)
@@ -48,28 +52,39 @@ class TrainingSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.locations)
 
+    @staticmethod
+    def decode_pixels(raw: dict[str, bytes]) -> torch.Tensor:
+        """A training sample's image as [3, h, w] floats in [-1, 1]."""
+        image = next(raw[e] for e in ("png", "jpg", "webp") if e in raw)
+        pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.float32)
+        return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+
     def __getitem__(self, i: int) -> dict:
         shard, local = self.locations[i]
         raw = self.shards[shard][local]
-        image = next(raw[e] for e in ("png", "jpg", "webp") if e in raw)
-        pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=np.float32)
         meta = json.loads(raw["json"])
-        ids = meta["original_size"] + meta["crop_top_left"] + meta["target_size"]
-        return {
-            "pixels": torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1,
+        item = {
             "caption": raw["txt"].decode(),
-            "time_ids": torch.tensor(ids, dtype=torch.float32),
+            "time_ids": torch.tensor(meta["original_size"] + meta["crop_top_left"] + meta["target_size"]),
             "index": i,
         }
+        if "latent.npy" in raw:
+            latents = np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False)
+            item["latents"] = torch.from_numpy(latents.astype(np.float32))
+        else:
+            item["pixels"] = self.decode_pixels(raw)
+        return item
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "pixels": torch.stack([it["pixels"] for it in items]),
+    batch = {
         "caption": [it["caption"] for it in items],
-        "time_ids": torch.stack([it["time_ids"] for it in items]),
+        "time_ids": torch.stack([it["time_ids"] for it in items]).float(),
         "index": torch.tensor([it["index"] for it in items]),
     }
+    key = "latents" if "latents" in items[0] else "pixels"
+    batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 def split_validation(num_samples: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

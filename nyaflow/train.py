@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from nyaflow import checkpoint, flow
 from nyaflow.loader import TrainingSet, collate, micro_batches, split_validation
@@ -141,14 +142,19 @@ class FlowObjective:
         self.scale = c.vae.config.scaling_factor
 
     @torch.no_grad()
-    def latents(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        dist_ = self.c.vae.encode(pixels.to(self.device, self.c.vae.dtype)).latent_dist
+    def latents(self, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+        """x0: a posterior sample (its mean when `generator` is None) times the VAE scaling factor, from the
+        cached posterior parameters or by encoding the pixels."""
+        if "latents" in batch:
+            dist_ = DiagonalGaussianDistribution(batch["latents"].to(self.device, torch.float32))
+        else:
+            dist_ = self.c.vae.encode(batch["pixels"].to(self.device, self.c.vae.dtype)).latent_dist
         z = dist_.sample(generator) if generator is not None else dist_.mean
         return z.float() * self.scale
 
     def loss(self, unet, batch: dict, generator: torch.Generator) -> torch.Tensor:
         tc = self.tc
-        x0 = self.latents(batch["pixels"], generator)
+        x0 = self.latents(batch, generator)
         n = x0.shape[0]
         keep = torch.rand(n, generator=generator, device=generator.device) >= tc["caption_dropout"]
         prompts = [c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)]
@@ -165,7 +171,7 @@ class FlowObjective:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in indices[dist.get_rank() :: dist.get_world_size()]:
             item = collate([dataset[int(i)]])
-            x0 = self.latents(item["pixels"], None).expand(k, -1, -1, -1)
+            x0 = self.latents(item, None).expand(k, -1, -1, -1)
             eps = torch.randn(x0.shape, generator=keyed_generator(torch.device("cpu"), seed, int(i)))
             eps = eps.to(self.device)
             embeds, pooled = encode_prompts(self.c, item["caption"])

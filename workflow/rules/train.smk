@@ -3,7 +3,7 @@ rule train:
     results/<run>/train/checkpoints to train from scratch."""
     input:
         base=f"{RESULTS}/base_model",
-        manifest=f"{RESULTS}/data/manifest.json",
+        manifest=f"{TRAIN_DATA}/manifest.json",
     output:
         summary=f"{RESULTS}/train/summary.json",
     log:
