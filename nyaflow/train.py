@@ -324,7 +324,9 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     batches = micro_batches(
         dataset, train_idx, tc["micro_batch"], seed, world_size, rank, state["micro_step"], tc["num_workers"]
     )
-    loss_sum, images, consecutive_bad, in_window = torch.zeros((), device=device), 0, 0, 0
+    # loss_sum / window_size: the mean micro-step loss since the last log line (kept on the device: no sync)
+    loss_sum, window_size, images = torch.zeros((), device=device), 0, 0
+    consecutive_bad, in_window = 0, 0
     t_start = t_log = time.perf_counter()
     while state["step"] < tc["steps"]:
         epoch, batch = next(batches)
@@ -348,6 +350,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
+        window_size += 1
         images += len(batch["caption"]) * world_size
         in_window = (in_window + 1) % tc["grad_accum"]
         if in_window:
@@ -358,7 +361,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             ema.step(engine.module.parameters())
         if step % tc["log_every"] == 0 or step == tc["steps"]:
             dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / (world_size * tc["log_every"] * tc["grad_accum"])
+            mean_loss = loss_sum.item() / (world_size * window_size)
             state["loss"].append([step, mean_loss])
             now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
@@ -377,7 +380,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             if rank == 0:
                 print(f"[nyaflow train] step {step}: loss {mean_loss:.5f}, {rate:.1f} img/s", flush=True)
             loss_sum.zero_()
-            images, t_log = 0, now
+            window_size, images, t_log = 0, 0, now
         if step % tc["val_every"] == 0 or step == tc["steps"]:
             validate(step)
         if tc["sample_every"] and (step % tc["sample_every"] == 0 or step == tc["steps"]) and rank == 0:
