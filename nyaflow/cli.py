@@ -188,6 +188,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, required=True, help="data folder (manifest.json)")
     s.add_argument("--samples", type=Path, help="samples folder (scores.json)")
     s.add_argument("--out", type=Path, required=True, help="report folder")
+
+    # Tools outside the DAG: they take their own options (plan reads --configfile itself).
+    from nyaflow import bench, plan
+
+    b = sub.add_parser("bench", help="benchmarks (nyaflow bench train --help)")
+    bench_sub = b.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    help = "time nyaflow's training step (DeepSpeed, flow loss) on synthetic latents; FLOPs and MFU"
+    s = bench_sub.add_parser("train", help=help, description=help)
+    bench.add_arguments(s)
+    s.set_defaults(func=None, tool=bench.main)
+    help = "predict images/s, epoch time and GPU-hours of a config on a cluster"
+    s = sub.add_parser("plan", help=help, description=help)
+    plan.add_arguments(s)
+    s.set_defaults(func=None, tool=plan.main)
     return p
 
 
@@ -196,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config-docs":
         print(config_mod.reference_markdown(), end="")
         return 0
+    if getattr(args, "tool", None):
+        try:
+            return args.tool(args) or 0
+        except (UserError, config_mod.ConfigError, FileNotFoundError) as e:
+            print(f"nyaflow {args.command}: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = config_mod.load(args.config)
     except (config_mod.ConfigError, FileNotFoundError) as e:
