@@ -6,7 +6,11 @@ as world size 1. VAE and text encoders are frozen; only the UNet is trained.
 
 Randomness is keyed, not streamed: the noise, sigmas, caption dropout and VAE posterior sample of
 micro-step k on rank r come from a generator seeded by (seed, r, k), and the data order is a function of
-k (nyaflow.loader). A run restarted from a checkpoint therefore continues exactly as if uninterrupted.
+k (nyaflow.loader). A run restarted from a checkpoint therefore continues exactly as if uninterrupted:
+same weights, optimizer state and validation losses, bit for bit. The logged training loss is the mean over
+the micro-steps since the previous log line; its history is identical too when train.checkpoint_every is a
+multiple of train.log_every (after a stop by signal, the one window around the stop averages the steps
+run since the resume).
 
 Stopping: SIGTERM or SIGUSR2 on any rank sets a flag that all ranks agree on (all-reduce) at the next
 micro-step; then every rank saves a checkpoint and `train` raises Preempted (the CLI exits with
