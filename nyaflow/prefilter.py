@@ -434,3 +434,13 @@ def prefilter(config: dict, table_path: Path, out: Path) -> dict:
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "summary.json")
     return summary
+
+
+def read_part(path: Path):
+    """A part table as a pandas DataFrame; text that is not valid UTF-8 (a part not written by `prefilter`)
+    is decoded with replacement characters instead of failing."""
+    table = pq.read_table(path)
+    for i, name in enumerate(table.column_names):
+        if pa.types.is_string(table.schema.field(i).type):
+            table = table.set_column(i, name, to_text(table[name])[0])
+    return table.to_pandas()

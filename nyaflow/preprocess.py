@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from nyaflow.buckets import bucket_name, make_buckets, nearest_bucket, place
 from nyaflow.captions import build_captions
+from nyaflow.prefilter import read_part
 from nyaflow.shards import ShardWriter, iter_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -186,7 +187,7 @@ def preprocess_part(
     part_path, download_dir, shards_out, rows_out = map(Path, (part_path, download_dir, shards_out, rows_out))
     if not (download_dir / "check.json").is_file():
         raise DownloadIncomplete(f"{download_dir} has no check.json: the download did not finish; rerun it")
-    part = pd.read_parquet(part_path)
+    part = read_part(part_path)
     captions = pd.Series(build_captions(part, config["data"]["captions"]).to_numpy(), index=part["id"])
 
     fates = [pd.read_parquet(download_dir / "lost.parquet").assign(status="lost", shard="")]
