@@ -36,6 +36,7 @@ import torch.distributed as dist
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from nyaflow import checkpoint, flow
+from nyaflow.captions import train_caption
 from nyaflow.loader import TrainingSet, collate, micro_batches, split_validation
 from nyaflow.model import Components, encode_prompts, load_components
 
@@ -334,6 +335,10 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     t_start = t_log = time.perf_counter()
     while state["step"] < tc["steps"]:
         epoch, batch = next(batches)
+        batch["caption"] = [  # tag shuffle and dropout (data.captions), keyed by (seed, epoch, sample)
+            train_caption(text, config["data"]["captions"], seed, epoch, int(i))
+            for text, i in zip(batch["caption"], batch["index"], strict=True)
+        ]
         loss = objective.loss(engine, batch, keyed_generator(device, seed, rank, state["micro_step"]))
         stop_requested, finite = agree(stop.requested, loss.detach())
         if stop_requested and in_window == 0:  # only between optimizer steps, so that resuming is exact
