@@ -226,18 +226,32 @@ def training_html(summary: dict, metrics: list[dict], scores: dict | None, run: 
     return _page(f"Training of run {run}", body)
 
 
+FATES = {
+    "kept": "a training sample",
+    "prefiltered": "dropped from the URL table before download (URL scheme, rating, size, duplicates, ...)",
+    "rejected": "refused before download (URL scheme)",
+    "failed_download": "img2dataset could not download or decode it",
+    "filtered": "dropped in preprocessing (too small, too elongated, undecodable, ...)",
+    "lost": "in no download shard",
+}
+
+
 def data_html(manifest: dict, run: str) -> str:
     rows_in = manifest.get("rows_in", 0)
     counts = manifest.get("counts", {})
+
+    def share(n: int) -> str:
+        return f"{100 * n / rows_in:.1f} %" if rows_in else "-"
+
     body = [
         f"<p>{rows_in:,} rows in the URL table; {counts.get('kept', 0):,} kept as training samples. Every "
-        "row is accounted for: kept, rejected before download (URL scheme), failed to download, filtered in "
-        "preprocessing, or lost (in no download shard). One line per row: data/rows.parquet.</p>",
+        "row is accounted for, with the reason when it was not kept; data/rows.parquet has one line per "
+        "row.</p>",
         "<h3>Rows by fate</h3>",
         _table(
-            ["fate", "rows", "share"],
-            [[k, v, f"{100 * v / rows_in:.1f} %" if rows_in else "-"] for k, v in counts.items()]
-            + [["total", sum(counts.values()), "100 %" if rows_in else "-"]],
+            ["fate", "meaning", "rows", "share"],
+            [[k, FATES.get(k, ""), v, share(v)] for k, v in counts.items()]
+            + [["total", "rows in", sum(counts.values()), share(sum(counts.values()))]],
         ),
         "<h3>Why rows were not kept</h3>",
     ]
@@ -247,6 +261,13 @@ def data_html(manifest: dict, run: str) -> str:
         for reason, n in by_reason.items()
     ]
     body.append(_table(["fate", "reason", "rows"], reasons) if reasons else "<p>Every row was kept.</p>")
+    parts = manifest.get("parts", {})
+    if parts:
+        columns = list(dict.fromkeys(k for fates in parts.values() for k in fates))
+        body += [
+            "<h3>Download parts</h3>",
+            _table(["part", *columns], [[name, *(f.get(c) for c in columns)] for name, f in parts.items()]),
+        ]
     buckets = manifest.get("buckets", {})
     if buckets:
         body += [

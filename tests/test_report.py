@@ -12,14 +12,15 @@ from nyaflow.report import REPORT_FILES, read_metrics, sample_grids, throughput,
 
 MANIFEST = {
     "rows_in": 10,
-    "counts": {"kept": 6, "rejected": 1, "failed_download": 2, "filtered": 1, "lost": 0},
+    "counts": {"kept": 6, "prefiltered": 1, "failed_download": 2, "filtered": 1, "lost": 0},
     "reasons": {
-        "rejected": {"url scheme not allowed: file": 1},
+        "prefiltered": {"url scheme not allowed: file": 1},
         "failed_download": {"HTTP Error 404: File not found": 1, "Image decoding error": 1},
         "filtered": {"shorter side below 48 px": 1},
         "lost": {},
     },
     "buckets": {"64x64": 4, "48x80": 2},
+    "parts": {"part-0": {"rows": 5, "kept": 3, "failed_download": 2}, "part-1": {"rows": 4, "kept": 3}},
     "shards": [{"path": "64x64-00000.tar", "count": 4}, {"path": "48x80-00000.tar", "count": 2}],
 }
 
@@ -93,11 +94,13 @@ def test_report_files(finished_run, tmp_path):
     data = (out / "data.html").read_text()
     for fact in (
         "10 rows in the URL table; 6 kept",
-        '<td>failed_download</td><td class="n">2</td><td>20.0 %</td>',
+        '<td>failed_download</td><td>img2dataset could not download or decode it</td><td class="n">2</td>'
+        "<td>20.0 %</td>",
         '<td>failed_download</td><td>HTTP Error 404: File not found</td><td class="n">1</td>',
-        "<td>rejected</td><td>url scheme not allowed: file</td>",
+        "<td>prefiltered</td><td>url scheme not allowed: file</td>",
+        '<tr><td>part-1</td><td class="n">4</td><td class="n">3</td><td>-</td></tr>',
         '<td>48x80</td><td class="n">2</td>',
-        '<td>total</td><td class="n">10</td>',
+        '<td>total</td><td>rows in</td><td class="n">10</td>',
     ):
         assert fact in data, fact
     config = (out / "config.html").read_text()
