@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -188,17 +189,24 @@ class Reasons:
         self.code = np.zeros(n, dtype=np.int32)
         self.names = [""]
 
-    def drop(self, mask: np.ndarray, reason: str) -> None:
-        mask = np.asarray(mask, dtype=bool) & (self.code == 0)
+    def drop(self, where: np.ndarray, reason: str) -> None:
+        """Drop the rows of `where` (a mask or row indices) that are still in."""
+        where = np.asarray(where)
+        if where.dtype != bool:
+            mask = np.zeros(len(self.code), dtype=bool)
+            mask[where.astype(np.int64)] = True
+            where = mask
+        mask = where & (self.code == 0)
         if mask.any():
             self.names.append(reason)
             self.code[mask] = len(self.names) - 1
 
     def drop_by_value(self, mask: np.ndarray, values: np.ndarray, template: str) -> None:
         """Drop masked rows with a reason naming each row's value (e.g. its URL scheme)."""
-        mask = np.asarray(mask, dtype=bool) & (self.code == 0)
-        for value in np.unique(values[mask].astype(str)) if mask.any() else []:
-            self.drop(mask & (values.astype(str) == value), template.format(value=value or "<none>"))
+        rows = np.flatnonzero(np.asarray(mask, dtype=bool) & (self.code == 0))
+        names = values[rows].astype(str)
+        for value in np.unique(names):
+            self.drop(rows[names == value], template.format(value=value or "<none>"))
 
     @property
     def kept(self) -> np.ndarray:
@@ -209,19 +217,27 @@ class Reasons:
         return names.take(pa.array(self.code[rows]))
 
 
-def tag_haystack(table: pa.Table, columns: dict) -> pa.Array | None:
-    """' tag1 tag2 ... ' per row (all tag categories, space-padded) for substring tag tests; from the tag
-    columns, else from a comma-separated caption column; None without either."""
-    cols = [c for c in columns["tags"].values() if c and c in table.column_names]
-    if cols:
-        texts = [pc.fill_null(to_text(table[c])[0], "") for c in cols]
-        return pc.binary_join_element_wise("", *texts, "", " ")
-    if columns["caption"] and columns["caption"] in table.column_names:
-        caption = pc.fill_null(to_text(table[columns["caption"]])[0], "")
-        caption = pc.replace_substring_regex(pc.utf8_trim_whitespace(caption), r"\s*,\s*", "\x00")
-        caption = pc.replace_substring(pc.replace_substring(caption, " ", "_"), "\x00", " ")
-        return pc.binary_join_element_wise("", caption, "", " ")
-    return None
+def tag_columns(table: pa.Table, columns: dict, text) -> list[pa.Array]:
+    """Space-separated tag strings to search: the tag columns, else a comma-separated caption column turned
+    into tags ('red circle, solo' -> 'red_circle solo'); `text(name)` reads a column as UTF-8."""
+    cols = [text(c) for c in columns["tags"].values() if c and c in table.column_names]
+    if cols or not (columns["caption"] and columns["caption"] in table.column_names):
+        return cols
+    caption = pc.utf8_trim_whitespace(text(columns["caption"]))
+    caption = pc.replace_substring_regex(caption, r"\s*,\s*", "\x00")
+    return [pc.replace_substring(pc.replace_substring(caption, " ", "_"), "\x00", " ")]
+
+
+def has_tag(cols: list[pa.Array], tags: list[str], rows: np.ndarray) -> np.ndarray:
+    """Mask over `rows` (indices) of rows holding any of `tags` (danbooru spelling) in any column."""
+    alternatives = "|".join(re.escape(t.strip().replace(" ", "_")) for t in tags)
+    pattern = f"(?:^| )(?:{alternatives})(?: |$)"
+    found = np.zeros(len(rows), dtype=bool)
+    subset = pa.array(rows)
+    for col in cols:
+        hit = pc.match_substring_regex(col.take(subset) if len(rows) < len(col) else col, pattern)
+        found |= np.asarray(pc.fill_null(hit, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return found
 
 
 def resolve_urls(url: pa.Array, base_url: str) -> tuple[pa.Array, np.ndarray]:
@@ -260,6 +276,13 @@ def prefilter_table(table: pa.Table, config: dict) -> tuple[pa.Table, pa.Table, 
         name = columns[key]
         return table[name] if name and name in have else None
 
+    decoded = {}
+
+    def text(name: str) -> pa.Array:  # each text column is read as UTF-8 once
+        if name not in decoded:
+            decoded[name] = to_text(table[name])
+        return decoded[name][0]
+
     # Stable ids.
     if columns["id"]:
         if columns["id"] not in have:
@@ -295,7 +318,8 @@ def prefilter_table(table: pa.Table, config: dict) -> tuple[pa.Table, pa.Table, 
             f"the URL table has no URL column '{columns['url']}' (data.columns.url);"
             f" columns: {table.column_names}"
         )
-    raw_url, bad_utf8 = to_text(url_col)
+    text(columns["url"])
+    raw_url, bad_utf8 = decoded[columns["url"]]
     raw_url = pc.utf8_trim_whitespace(raw_url)
     empty = ~np.asarray(
         pc.fill_null(pc.greater(pc.utf8_length(raw_url), 0), False).to_numpy(False), dtype=bool
@@ -317,8 +341,8 @@ def prefilter_table(table: pa.Table, config: dict) -> tuple[pa.Table, pa.Table, 
     # Metadata filters (each applies only when its column exists).
     rating = None
     if col("rating") is not None:
-        rating_text, _ = to_text(col("rating"))
-        rating = pc.utf8_slice_codeunits(pc.utf8_lower(pc.utf8_trim_whitespace(rating_text)), 0, 1)
+        rating = text(columns["rating"])
+        rating = pc.utf8_slice_codeunits(pc.utf8_lower(pc.utf8_trim_whitespace(rating)), 0, 1)
         if pf["ratings"]:
             rating_np = np.asarray(pc.fill_null(rating, "").to_numpy(zero_copy_only=False), dtype=object)
             ok = np.isin(rating_np, list(pf["ratings"]))
@@ -343,27 +367,26 @@ def prefilter_table(table: pa.Table, config: dict) -> tuple[pa.Table, pa.Table, 
             if hi is not None:
                 reasons.drop(known & (aspect > hi), f"aspect ratio (width/height) above {hi}")
     if pf["require_tags"] or pf["ban_tags"]:
-        hay = tag_haystack(table, columns)
-        if hay is None:
+        cols = tag_columns(table, columns, text)
+        if not cols:
             raise TableError(
                 "data.prefilter has require_tags/ban_tags but the table has no tag or caption column"
             )
         for tag in pf["require_tags"]:
-            present = pc.match_substring(hay, f" {tag.strip().replace(' ', '_')} ")
-            reasons.drop(
-                ~np.asarray(present.to_numpy(zero_copy_only=False), dtype=bool),
-                f"missing required tag: {tag}",
-            )
-        for tag in pf["ban_tags"]:
-            present = pc.match_substring(hay, f" {tag.strip().replace(' ', '_')} ")
-            reasons.drop(np.asarray(present.to_numpy(zero_copy_only=False), dtype=bool), f"banned tag: {tag}")
+            rows = np.flatnonzero(reasons.kept)
+            reasons.drop(rows[~has_tag(cols, [tag], rows)], f"missing required tag: {tag}")
+        if pf["ban_tags"]:  # one pass for all banned tags, then which one, on the few rows that have any
+            rows = np.flatnonzero(reasons.kept)
+            rows = rows[has_tag(cols, pf["ban_tags"], rows)]
+            for tag in pf["ban_tags"]:
+                reasons.drop(rows[has_tag(cols, [tag], rows)], f"banned tag: {tag}")
 
     # Duplicates among the rows still in: the first row wins.
     if pf["dedupe_url"]:
         reasons.drop(first_occurrence(url, reasons.kept), "duplicate url")
     md5 = None
     if col("md5") is not None:
-        md5 = pc.utf8_lower(pc.utf8_trim_whitespace(to_text(col("md5"))[0]))
+        md5 = pc.utf8_lower(pc.utf8_trim_whitespace(text(columns["md5"])))
         md5 = pc.if_else(pc.equal(pc.utf8_length(md5), 0), pa.scalar(None, pa.string()), md5)
         if pf["dedupe_md5"]:
             reasons.drop(first_occurrence(md5, reasons.kept), "duplicate md5")
@@ -383,9 +406,9 @@ def prefilter_table(table: pa.Table, config: dict) -> tuple[pa.Table, pa.Table, 
     for category in TAG_CATEGORIES:
         name = columns["tags"].get(category)
         if name and name in have:
-            out[f"tags_{category}"] = to_text(table[name])[0].take(take)
+            out[f"tags_{category}"] = text(name).take(take)
     if col("caption") is not None:
-        out["caption"] = to_text(col("caption"))[0].take(take)
+        out["caption"] = text(columns["caption"]).take(take)
     kept = pa.table(out)
 
     gone = np.flatnonzero(~reasons.kept)

@@ -5,11 +5,11 @@ is decoded safely: the pixel count is read from the header and checked before de
 bombs), JPEGs are decoded at a reduced scale when the bucket is much smaller (DCT scaling, never below the
 resized size), EXIF orientation is applied, transparency (alpha, palette) is flattened on white, 16-bit
 images are scaled to 8 bits and CMYK is converted to RGB. Images that are too small or too elongated are
-dropped; the others go to the nearest SDXL aspect bucket, are resized (Lanczos) to cover it and centre
-cropped. A training sample holds the image (`png`/`jpg`/`webp`), the caption (`txt`, built from the row's
-tags, see nyaflow.captions) and SDXL micro-conditioning (`json`: original_size, crop_top_left, target_size,
-all (h, w) pixels). Download shards are processed in parallel worker processes; each training shard holds
-one bucket, so that a batch drawn from one shard's bucket is bucket-homogeneous.
+dropped; the others go to the nearest SDXL aspect bucket, are resized (Lanczos by default) to cover it and
+centre cropped. A training sample holds the image (`png`/`jpg`/`webp`), the caption (`txt`, built from the
+row's tags, see nyaflow.captions) and SDXL micro-conditioning (`json`: original_size, crop_top_left,
+target_size, all (h, w) pixels). Download shards are processed in parallel worker processes; each
+training shard holds one bucket, so that a batch drawn from one shard's bucket is bucket-homogeneous.
 
 `write_manifest` (one job) merges the prefilter's dropped rows and every part's rows into
 `manifest.json` (totals, reasons, buckets, the shard list) and `rows.parquet` (one row per input row: row,
@@ -49,6 +49,11 @@ STATUSES = ("kept", "prefiltered", "failed_download", "filtered", "lost")
 ROW_COLUMNS = ["row", "id", "url", "status", "reason", "shard"]
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+FILTERS = {  # downscaling; upscaling (data.preprocess.upscale) is always Lanczos
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,  # pixel-area averaging, like OpenCV's INTER_AREA
+}
 
 
 class Rejected(Exception):
@@ -129,7 +134,9 @@ def make_sample(
             img.draft(None, (rh, rw) if orientation in SWAPS_SIDES else (rw, rh))
         img = to_rgb(img)
         if img.size != (rw, rh):
-            img = img.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            down = rw * rh < img.width * img.height
+            resample = FILTERS[settings["downscale_filter"]] if down else Image.Resampling.LANCZOS
+            img = img.resize((rw, rh), resample, reducing_gap=3.0 if down else None)
         img = img.crop((left, top, left + bw, top + bh))
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data shows up while decoding
         raise Rejected(f"undecodable image: {type(e).__name__}") from e

@@ -17,6 +17,7 @@ SETTINGS = {
     "upscale": False,
     "max_pixels": 10_000,
     "image_format": "png",
+    "downscale_filter": "lanczos",
 }
 
 

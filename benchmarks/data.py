@@ -1,0 +1,104 @@
+"""Preprocessing throughput (images/s per core) beside img2dataset's own resize on the same images.
+
+    .venv/bin/python benchmarks/data.py [--images 32] [--resolution 1024]
+
+Makes danbooru-like images (JPEG and PNG, 1100-4000 px, aspect 0.5-2), then, in this one process (one core):
+- nyaflow's preprocess (`nyaflow.preprocess.make_sample`: header check, EXIF, JPEG draft decoding, SDXL
+  bucket, resize (Lanczos, the default, or area), centre crop, encode, caption and micro-conditioning)
+  with jpg and png output;
+- img2dataset's Resizer (OpenCV decode, INTER_AREA resize, encode) in center_crop mode at the same
+  resolution, jpg output, and in keep_ratio mode.
+Prints images/s per core for each and the ratio of nyaflow's to img2dataset's (same output format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from img2dataset.resizer import Resizer  # noqa: E402
+
+from nyaflow import config as nyaflow_config  # noqa: E402
+from nyaflow.buckets import make_buckets  # noqa: E402
+from nyaflow.preprocess import make_sample  # noqa: E402
+
+
+def make_images(count: int, seed: int = 0) -> list[bytes]:
+    """Smooth colour fields with fine noise (realistic decode cost); two thirds JPEG q90, a third PNG."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        short = int(rng.integers(1100, 2000))  # every image covers its 1024^2 bucket: nothing is upscaled
+        aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
+        base = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).resize(
+            (w, h), Image.BICUBIC
+        )
+        noise = rng.integers(-12, 13, (h, w, 1), dtype=np.int16)
+        img = Image.fromarray(np.clip(np.asarray(base, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        if i % 3 == 2:  # a third PNG, as in danbooru
+            img.save(buf, format="PNG", compress_level=1)  # fast to make; decoding costs about the same
+        else:
+            img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def rate(fn, images: list[bytes]) -> float:
+    fn(images[0])  # warm up
+    start = time.perf_counter()
+    for data in images:
+        fn(data)
+    return len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=1024)
+    args = p.parse_args()
+
+    start = time.perf_counter()
+    images = make_images(args.images)
+    mpix = np.mean([np.prod(Image.open(io.BytesIO(d)).size) for d in images]) / 1e6
+    print(
+        f"{len(images)} images, {mpix:.1f} Mpx on average, made in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+
+    cfg = nyaflow_config.validate({"run": "bench", "data": {"preprocess": {"resolution": args.resolution}}})
+    settings = {**cfg["data"]["preprocess"], "bucket_step": 64}
+    buckets = make_buckets(args.resolution, 64, settings["max_aspect"])
+    results = {}
+    for fmt, resample in (("jpg", "lanczos"), ("jpg", "area"), ("png", "lanczos")):
+        s = {**settings, "image_format": fmt, "downscale_filter": resample}
+        name = f"nyaflow preprocess {resample} ({fmt})"
+        results[name] = rate(lambda d, s=s: make_sample(d, "1girl, solo", s, buckets), images)
+    for mode in ("center_crop", "keep_ratio"):
+        resizer = Resizer(
+            image_size=args.resolution, resize_mode=mode, resize_only_if_bigger=True, encode_format="jpg"
+        )
+        results[f"img2dataset resize {mode} (jpg)"] = rate(lambda d, r=resizer: r(io.BytesIO(d)), images)
+
+    width = max(map(len, results))
+    for name, value in results.items():
+        print(f"{name:{width}s}  {value:6.1f} images/s per core")
+    theirs = results["img2dataset resize center_crop (jpg)"]
+    for resample in ("lanczos", "area"):
+        ours = results[f"nyaflow preprocess {resample} (jpg)"]
+        print(f"ratio nyaflow ({resample}) / img2dataset (center_crop), jpg: {ours / theirs:.2f}")
+    print(f"(one process; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
