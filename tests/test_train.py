@@ -41,7 +41,9 @@ def launch(cfg: dict, tiny_model: Path, data_dir: Path, out: Path, world_size: i
         cmd = [sys.executable, "-m", "nyaflow.cli", "train", "--config", str(out / "config.yaml")]
         cmd += ["--base", str(tiny_model), "--data", str(data_dir), "--out", str(out)]
         log = open(out / f"rank{rank}.log", "a")  # noqa: SIM115 - closed when the process ends
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
     return procs
 
 
@@ -131,7 +133,10 @@ def test_kill_during_checkpoint_writing_leaves_latest_loadable(tiny_model, demo_
     folder = tmp_path / "checkpoints"
     procs = launch(cfg, tiny_model, data_dir, tmp_path, 1)
     # Kill the moment a checkpoint is being written (its .partial folder exists) after the first complete one.
-    wait_for(lambda: checkpoint.latest_tag(folder) is not None and any(folder.glob("step*.partial")), interval=0.001)
+    wait_for(
+        lambda: checkpoint.latest_tag(folder) is not None and any(folder.glob("step*.partial")),
+        interval=0.001,
+    )
     os.killpg(procs[0].pid, signal.SIGKILL)
     procs[0].wait()
     tag = checkpoint.latest_tag(folder)
