@@ -27,7 +27,7 @@ from nyaflow.train import FlowObjective, init_distributed, keyed_generator, trai
 
 
 def bare_loop(cfg: dict, base: Path, data: Path, steps: int) -> float:
-    """Seconds per step of a plain PyTorch loop over the same batches and objective (after 5 warm-up steps)."""
+    """Seconds per step of a plain PyTorch loop on the same batches and objective (after 5 warm-up steps)."""
     tc, seed = cfg["train"], cfg["seed"]
     c = load_components(base)
     for frozen in (c.vae, c.text_encoder, c.text_encoder_2):
