@@ -5,13 +5,17 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 demo: $(VENV)/.installed
 	snakemake --profile cluster/local
 
 test: $(VENV)/.installed-test
 	python -m pytest
+
+# CPU-side figures as one ratio table (training loop, sampler, data), under 5 minutes on 2 cores.
+bench: $(VENV)/.installed
+	OMP_NUM_THREADS=1 python benchmarks/run_all.py
 
 lint: $(VENV)/.installed-test
 	ruff check .
