@@ -89,7 +89,8 @@ def test_fp32_file_loads_back_exactly(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [file.name]  # no temporary file left behind
     with safe_open(str(file), "pt") as f:
         assert f.metadata() == {"nyaflow.step": "100"}
-        assert f.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight").shape == (64, 64, 1, 1)
+        width = c.vae.config.block_out_channels[-1]  # the VAE's mid attention: 1x1 convolutions in SGM
+        assert f.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight").shape == (width, width, 1, 1)
     pipe = _load(file, folder)
     for name in MODULES:
         _assert_state_dicts_equal(getattr(pipe, name).state_dict(), getattr(c, name).state_dict(), name)
