@@ -213,13 +213,13 @@ def fetch(
             return key, None, str(err)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Make an img2dataset worker process die with the process that started it (Linux), so that a killed
     download leaves no orphan writing into the folder that the next run resumes."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:
+    if os.getppid() != parent:  # it died before the line above took effect
         os._exit(1)
 
 
@@ -230,9 +230,10 @@ class GuardedDownloader(i2d_downloader.Downloader):
     def __init__(self, *args, limits: dict, **kwargs):
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.parent = os.getpid()  # built in img2dataset's main process, whose pool runs the shards
 
     def download_shard(self, row):
-        _die_with_parent()
+        _die_with_parent(self.parent)
         original = i2d_downloader.download_image
         i2d_downloader.download_image = functools.partial(fetch, **self.limits)
         try:

@@ -41,13 +41,14 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from nyaflow.captions import TAG_CATEGORIES
+from nyaflow.errors import UserError
 
 REPLACEMENT = "\ufffd"
 TEXT_COLUMNS = ("url", "caption", "md5", "rating", "created_at")
 RATINGS = ("g", "s", "q", "e")
 
 
-class TableError(ValueError):
+class TableError(UserError, ValueError):
     """The URL table cannot be used as it is (missing column, duplicate ids, ...)."""
 
 

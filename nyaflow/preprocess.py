@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from nyaflow.buckets import bucket_name, make_buckets, nearest_bucket, place
 from nyaflow.captions import build_captions
-from nyaflow.prefilter import read_part
+from nyaflow.errors import UserError
+from nyaflow.prefilter import part_names, read_part
 from nyaflow.shards import ShardWriter, iter_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -60,7 +61,7 @@ class Rejected(Exception):
     """An image that cannot be used; the message is the reason recorded in the manifest."""
 
 
-class DownloadIncomplete(RuntimeError):
+class DownloadIncomplete(UserError):
     """A download folder without its completeness check: it must not be read."""
 
 
@@ -312,8 +313,6 @@ def preprocess(config: dict, table_path: Path, download_dir: Path, out: Path, pr
     """Preprocess every part that `nyaflow.download.download` wrote into `download_dir` (prefilter/ and
     part-NNNNN/) and write the data folder `out`; returns the manifest. (The workflow runs the parts as
     separate jobs and the manifest as one more.)"""
-    from nyaflow.prefilter import part_names
-
     download_dir, out = Path(download_dir), Path(out)
     rows = []
     for name in part_names(config["data"]["download"]["parts"]):

@@ -386,11 +386,15 @@ def test_a_killed_download_resumes_into_complete_unduplicated_shards(tmp_path):
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+
+        def midway():  # two shards complete and a third being written
+            done = {p.name[:5] for p in folder.glob("*_stats.json")}
+            return len(done) >= 2 and any(p.name[:5] not in done for p in folder.glob("*.tar"))
+
         deadline = time.time() + 240
-        while len(list(folder.glob("*_stats.json"))) < 2:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[
-                -3000:
-            ]
+        while not midway():
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError((tmp_path / "first.log").read_text()[-3000:])
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

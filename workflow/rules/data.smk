@@ -74,7 +74,12 @@ rule download:
     params:
         config=CONFIG_SNAPSHOT,
         serve=lambda wildcards, input: ["--serve", input.images] if DEMO else [],
-        settings={k: v for k, v in config["data"]["download"].items() if k != "parts"},
+        # How fast a part downloads (processes, threads) does not change what it holds: no rerun for that.
+        settings={
+            k: v
+            for k, v in config["data"]["download"].items()
+            if k not in ("parts", "processes", "threads")
+        },
         max_pixels=config["data"]["preprocess"]["max_pixels"],
     shell:
         "nyaflow download --config {params.config:q} --table {input.part:q} --out {output:q}"
@@ -96,7 +101,9 @@ rule preprocess:
     threads: config["data"]["preprocess"]["processes"]
     params:
         config=CONFIG_SNAPSHOT,
-        settings=config["data"]["preprocess"],
+        settings={
+            k: v for k, v in config["data"]["preprocess"].items() if k != "processes"
+        },
         captions={
             k: v
             for k, v in config["data"]["captions"].items()
