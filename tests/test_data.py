@@ -130,4 +130,3 @@ def test_demo_images_are_the_colours_their_tags_name(demo_download):
     assert corner == COLOURS[background_colour(tags)]
     assert background_colour("red circle, blue background, solo") == "blue"
     assert background_colour("a cat") is None
-
