@@ -431,23 +431,17 @@ def ema_weights(ema, module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def write_training_samples(c: Components, unet, config: dict, folder: Path, step: int, writer) -> None:
     """Rank 0: a small grid of the configured prompts and seeds, to samples/step<N>.png and TensorBoard."""
-    from nyaflow.sample import labelled_grid, sample
+    from nyaflow.sample import labelled_grid, prompts_from_config, sample
 
     sc = config["sample"]
+    prompts = prompts_from_config(sc)
     was_training = unet.training
     unet.eval()
-    images = sample(
-        Components(unet, c.vae, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2),
-        sc["prompts"],
-        sc["seeds"],
-        sc["steps"],
-        sc["guidance"],
-        sc["shift"],
-        sc["height"],
-        sc["width"],
-    )
+    parts = Components(unet, c.vae, c.text_encoder, c.text_encoder_2, c.tokenizer, c.tokenizer_2)
+    settings = (sc["steps"], sc["guidance"], sc["shift"], sc["height"], sc["width"], sc["batch_size"])
+    images = sample(parts, prompts, sc["seeds"], *settings)
     unet.train(was_training)
-    grid = labelled_grid(images, sc["prompts"], [f"seed {s}" for s in sc["seeds"]])
+    grid = labelled_grid(images, [p.label for p in prompts], [f"seed {s}" for s in sc["seeds"]])
     folder.mkdir(parents=True, exist_ok=True)
     grid.save(folder / f"step{step:08d}.png")
     writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")

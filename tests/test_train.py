@@ -235,9 +235,14 @@ def test_nonfinite_losses_are_skipped_counted_and_bounded(tiny_model, demo_data,
         return loss * float("nan") if calls["n"] in (2, 4) else loss
 
     monkeypatch.setattr(train_mod.FlowObjective, "loss", sometimes_nan)
-    cfg = make_config(train={**SMALL_TRAIN, "steps": 4, "max_nonfinite": 2})
+    cfg = make_config(
+        train={**SMALL_TRAIN, "steps": 4, "max_nonfinite": 2, "sample_every": 2},
+        sample={"prompts": ["red circle, blue background | green"], "seeds": [3], "steps": 2},
+    )
     summary = train_mod.train(cfg, tiny_model, data_dir, tmp_path / "a")
     assert summary["nonfinite_skipped"] == 2 and summary["steps"] == 4
+    grids = sorted(p.name for p in (tmp_path / "a" / "samples").iterdir())
+    assert grids == ["step00000002.png", "step00000004.png"]  # samples drawn during training
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in summary["loss"])
 
     monkeypatch.setattr(train_mod.FlowObjective, "loss", lambda *a: real_loss(*a) * float("nan"))
