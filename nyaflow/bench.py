@@ -270,6 +270,7 @@ def bench_train(
     gradient_checkpointing: bool = False,
     attention: str = "sdpa",
     compile: bool = False,
+    compile_backend: str = "inductor",
     channels_last: bool = False,
     zero_stage: int = 2,
     warmup: int = 3,
@@ -301,7 +302,7 @@ def bench_train(
         "precision": precision,
         "gradient_checkpointing": gradient_checkpointing,
         "attention": attention,
-        "compile": compile,
+        "compile": compile_backend if compile else False,
         "channels_last": channels_last,
         "zero_stage": zero_stage,
         "flops": {
@@ -345,13 +346,11 @@ def bench_train(
     torch.manual_seed(seed)
     unet = build_unet(config, device)
     configure_unet(unet, tc)
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
     engine, _ = build_engine(deepspeed, unet, tc, device, bf16)
     if compile:
-        engine.compile()
+        engine.compile(backend=compile_backend)  # torch.compile of the UNet inside the engine
     data = synthetic_batch(config, micro_batch, resolution, device)
-    if channels_last:
+    if channels_last:  # the activations follow the input; ZeRO keeps the weights as views of flat buffers
         data["latents"] = data["latents"].contiguous(memory_format=torch.channels_last)
 
     def step(i: int) -> None:  # nyaflow train's micro-step, with grad_accum 1: one optimizer step
@@ -421,7 +420,7 @@ def summary(record: dict) -> str:
         f"model {record['model']} ({record['parameters']:,} parameters), {record['resolution']}px "
         f"(latent {record['latent']}), micro batch {record['micro_batch']}, {record['precision']}, "
         f"attention {record['attention']}, checkpointing {on[record['gradient_checkpointing']]}, "
-        f"compile {on[record['compile']]}, channels-last {on[record['channels_last']]}",
+        f"compile {record['compile'] or 'off'}, channels-last {on[record['channels_last']]}",
         f"FLOP per image: forward {f['forward_per_image'] / 1e12:.4g} TFLOP, forward+backward "
         f"{f['train_per_image'] / 1e12:.4g} TFLOP ({f['counted_on']})",
     ]
@@ -451,6 +450,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the UNet"
     )
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
@@ -475,6 +475,7 @@ def main(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         attention=args.attention,
         compile=args.compile,
+        compile_backend=args.compile_backend,
         channels_last=args.channels_last,
         zero_stage=args.zero_stage,
         warmup=args.warmup,

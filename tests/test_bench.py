@@ -2,6 +2,7 @@
 benchmark run on the tiny model through the trainer's code path, and the refusal of SDXL on a CPU."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,9 +37,11 @@ def test_sdxl_flops_with_checkpointing_and_batch():
     checkpointed = bench.count_train_flops(config, 1024, batch=1, checkpointing=True)
     assert checkpointed["train"] == pytest.approx(SDXL_TRAIN_CHECKPOINTED, rel=1e-3)
     assert checkpointed["forward"] == pytest.approx(SDXL_FORWARD, rel=1e-3)
-    batch = bench.count_train_flops(config, 1024, batch=2)
-    single = bench.count_train_flops(config, 1024, batch=1)
-    assert batch["train"] == 2 * single["train"]
+    tiny = bench.unet_config("tiny")
+    assert (
+        bench.count_train_flops(tiny, 128, batch=4)["train"]
+        == 4 * bench.count_train_flops(tiny, 128)["train"]
+    )
 
 
 def hand_count(unet, batch: int, resolution: int) -> tuple[int, int]:
@@ -135,8 +138,9 @@ def test_attention_is_counted_alike_for_sdpa_and_eager():
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env_cmd = [sys.executable, "-m", "nyaflow.cli", *args]
-    return subprocess.run(env_cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is faster on a shared machine
+    cmd = [sys.executable, "-m", "nyaflow.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_bench_train_tiny_runs_the_training_step(tmp_path):
