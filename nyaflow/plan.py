@@ -88,11 +88,11 @@ def plan(
     if bench_record is not None:
         if bench_record.get("mfu") is None:
             raise UserError("the benchmark record has no MFU (a --flops-only or CPU run): pass --mfu instead")
-        mfu, mfu_source = bench_record["mfu"], f"measured: {bench_record['device']}"
+        mfu, mfu_source = bench_record["mfu"], f"measured on {bench_record['device']}"
     elif mfu is not None:
-        mfu_source = "assumed (--mfu)"
+        mfu_source = "assumed, --mfu"
     else:
-        mfu, mfu_source = 0.5, "assumed (default)"
+        mfu, mfu_source = 0.5, "assumed, the default"
     if not 0 < mfu <= 1:
         raise UserError(f"MFU {mfu} is not in (0, 1]")
     model = model_name(cfg)

@@ -89,7 +89,7 @@ def test_plan_uses_a_benchmark_record_and_the_run_manifest(tmp_path, capsys):
     out_json = tmp_path / "plan.json"
     assert cli_main(["plan", "--configfile", str(XL), "--bench", "bench.json", "--out", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "MFU 0.42 (measured: NVIDIA H100 80GB HBM3)" in out
+    assert "MFU 0.42 (measured on NVIDIA H100 80GB HBM3)" in out
     assert "2,000,000 images per epoch" in out and "differs" not in out
     p = json.loads(out_json.read_text())
     assert p["images"] == 2_000_000
