@@ -90,6 +90,12 @@ def cmd_train(cfg: dict, args) -> int:
     return 0
 
 
+def cmd_launch_train(cfg: dict, args) -> int:
+    from nyaflow.launch import launch_train
+
+    return launch_train(cfg, args.base, args.data, args.out, args.submitit_folder, args.log)
+
+
 def cmd_export(cfg: dict, args) -> None:
     from nyaflow.export import export
 
@@ -169,6 +175,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
     s.add_argument("--data", type=Path, required=True, help="data folder")
     s.add_argument("--out", type=Path, required=True, help="train folder (checkpoints/, tb/, summary.json)")
+
+    s = stage(
+        "launch-train",
+        cmd_launch_train,
+        "train as launch.backend says: in this process, or as one multi-node SLURM job (submitit) that it"
+        " waits for",
+    )
+    s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
+    s.add_argument("--data", type=Path, required=True, help="data folder")
+    s.add_argument("--out", type=Path, required=True, help="train folder (checkpoints/, tb/, summary.json)")
+    s.add_argument(
+        "--submitit-folder", type=Path, required=True, help="submitit's folder: job pickles and rank logs"
+    )
+    s.add_argument("--log", type=Path, help="the rule's log: training output, job states, rank 0's output")
 
     s = stage("export", cmd_export, "export a checkpoint as a diffusers folder and a single SDXL file")
     s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")

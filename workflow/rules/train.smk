@@ -1,13 +1,29 @@
+from nyaflow.launch import describe
+
+LAUNCH = config["launch"]
+
+# launch.backend: slurm -> the rule runs on the login node (where Snakemake runs) and submits one multi-node
+# job with submitit, then waits for it. launch.backend: local -> the rule trains in its own process: on this
+# machine with cluster/local, or as one ordinary cluster job (one GPU) with cluster/slurm.
+if LAUNCH["backend"] == "slurm":
+
+    localrules:
+        train,
+
+
 rule train:
-    """Flow-matching training with DeepSpeed. Resumes from checkpoints/latest when it exists: delete
-    results/<run>/train/checkpoints to train from scratch."""
+    """Flow-matching training with DeepSpeed, launched as launch.backend says (nyaflow/launch.py). Resumes
+    from checkpoints/latest when it exists: delete results/<run>/train/checkpoints to train from scratch.
+    """
     input:
         base=f"{RESULTS}/base_model",
-        manifest=f"{TRAIN_DATA}/manifest.json",
+        manifest=f"{RESULTS}/data/manifest.json",
     output:
         summary=f"{RESULTS}/train/summary.json",
     log:
         f"{LOGS}/train.log",
+    # No automatic retry: the launch requeues the job itself (launch.max_requeues); a failure needs a look.
+    retries: 0
     conda:
         ENV
     threads: workflow.cores
@@ -15,8 +31,11 @@ rule train:
         config=CONFIG_SNAPSHOT,
         data=lambda wildcards, input: os.path.dirname(input.manifest),
         folder=lambda wildcards, output: os.path.dirname(output.summary),
+        submitit=f"{LOGS}/submitit",
         settings=config["train"],
         seed=config["seed"],
+    message:
+        f"train {RUN}: {describe(config)}"
     shell:
-        "nyaflow train --config {params.config:q} --base {input.base:q} --data {params.data:q}"
-        " --out {params.folder:q} > {log:q} 2>&1"
+        "nyaflow launch-train --config {params.config:q} --base {input.base:q} --data {params.data:q}"
+        " --out {params.folder:q} --submitit-folder {params.submitit:q} --log {log:q}"
