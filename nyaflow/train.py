@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,24 +51,30 @@ class NonFiniteLoss(RuntimeError):
     """Too many consecutive micro-steps had a non-finite loss; the last checkpoint is intact."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed():
-    """Import DeepSpeed for this machine's accelerator and join (or create) the process group."""
+    """Import DeepSpeed for this machine's accelerator and join (or create) the process group.
+
+    With RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (torchrun, submitit, the tests' launcher) the group
+    rendezvouses over TCP. A standalone process is world size 1 and rendezvouses through a file store, so
+    it needs no port (a free port picked and then bound could be taken by another process in between).
+    """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    standalone = "WORLD_SIZE" not in os.environ
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
     # The shared-memory CPU collective op is JIT-compiled for about a minute on first use; gloo is enough.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if standalone and not dist.is_initialized():
+        store = Path(tempfile.mkdtemp(prefix="nyaflow-pg-")) / "store"
+        deepspeed.init_distributed(
+            backend, auto_mpi_discovery=False, init_method=f"file://{store}", rank=0, world_size=1
+        )
+    else:
+        deepspeed.init_distributed(backend)
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
