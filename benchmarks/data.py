@@ -4,7 +4,7 @@
 
 Makes danbooru-like images (JPEG and PNG, 1100-4000 px, aspect 0.5-2), then, in this one process (one core):
 - nyaflow's preprocess (`nyaflow.preprocess.make_sample`: header check, EXIF, JPEG draft decoding, SDXL
-  bucket, resize (Lanczos, the default, or area), centre crop, encode, caption and micro-conditioning)
+  bucket, resize (area, the default, or Lanczos), centre crop, encode, caption and micro-conditioning)
   with jpg and png output;
 - img2dataset's Resizer (OpenCV decode, INTER_AREA resize, encode) in center_crop mode at the same
   resolution, jpg output, and in keep_ratio mode.
@@ -54,12 +54,18 @@ def make_images(count: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def rate(fn, images: list[bytes]) -> float:
-    fn(images[0])  # warm up
-    start = time.perf_counter()
+def rates(methods: dict, images: list[bytes]) -> dict[str, float]:
+    """Images/s of each method. The methods take turns on every image, so that a change in the machine's
+    load while the benchmark runs affects them all alike."""
+    seconds = dict.fromkeys(methods, 0.0)
+    for fn in methods.values():
+        fn(images[0])  # warm up
     for data in images:
-        fn(data)
-    return len(images) / (time.perf_counter() - start)
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn(data)
+            seconds[name] += time.perf_counter() - start
+    return {name: len(images) / s for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -79,22 +85,24 @@ def main() -> None:
     cfg = nyaflow_config.validate({"run": "bench", "data": {"preprocess": {"resolution": args.resolution}}})
     settings = {**cfg["data"]["preprocess"], "bucket_step": 64}
     buckets = make_buckets(args.resolution, 64, settings["max_aspect"])
-    results = {}
-    for fmt, resample in (("jpg", "lanczos"), ("jpg", "area"), ("png", "lanczos")):
+    methods = {}
+    for fmt, resample in (("jpg", "area"), ("jpg", "lanczos"), ("png", "area")):
         s = {**settings, "image_format": fmt, "downscale_filter": resample}
-        name = f"nyaflow preprocess {resample} ({fmt})"
-        results[name] = rate(lambda d, s=s: make_sample(d, "1girl, solo", s, buckets), images)
+        methods[f"nyaflow preprocess {resample} ({fmt})"] = lambda d, s=s: make_sample(
+            d, "1girl, solo", s, buckets
+        )
     for mode in ("center_crop", "keep_ratio"):
         resizer = Resizer(
             image_size=args.resolution, resize_mode=mode, resize_only_if_bigger=True, encode_format="jpg"
         )
-        results[f"img2dataset resize {mode} (jpg)"] = rate(lambda d, r=resizer: r(io.BytesIO(d)), images)
+        methods[f"img2dataset resize {mode} (jpg)"] = lambda d, r=resizer: r(io.BytesIO(d))
+    results = rates(methods, images)
 
     width = max(map(len, results))
     for name, value in results.items():
         print(f"{name:{width}s}  {value:6.1f} images/s per core")
     theirs = results["img2dataset resize center_crop (jpg)"]
-    for resample in ("lanczos", "area"):
+    for resample in ("area", "lanczos"):
         ours = results[f"nyaflow preprocess {resample} (jpg)"]
         print(f"ratio nyaflow ({resample}) / img2dataset (center_crop), jpg: {ours / theirs:.2f}")
     print(f"(one process; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")

@@ -5,11 +5,12 @@ is decoded safely: the pixel count is read from the header and checked before de
 bombs), JPEGs are decoded at a reduced scale when the bucket is much smaller (DCT scaling, never below the
 resized size), EXIF orientation is applied, transparency (alpha, palette) is flattened on white, 16-bit
 images are scaled to 8 bits and CMYK is converted to RGB. Images that are too small or too elongated are
-dropped; the others go to the nearest SDXL aspect bucket, are resized (Lanczos by default) to cover it and
-centre cropped. A training sample holds the image (`png`/`jpg`/`webp`), the caption (`txt`, built from the
-row's tags, see nyaflow.captions) and SDXL micro-conditioning (`json`: original_size, crop_top_left,
-target_size, all (h, w) pixels). Download shards are processed in parallel worker processes; each
-training shard holds one bucket, so that a batch drawn from one shard's bucket is bucket-homogeneous.
+dropped; the others go to the nearest SDXL aspect bucket, are resized (area averaging by default) to
+cover it and centre cropped. A training sample holds the image (`png`/`jpg`/`webp`), the caption (`txt`,
+built from the row's tags, see nyaflow.captions) and SDXL micro-conditioning (`json`: original_size,
+crop_top_left, target_size, all (h, w) pixels). Download shards are processed in parallel worker
+processes; each training shard holds one bucket, so that a batch drawn from one shard's bucket is
+bucket-homogeneous.
 
 `write_manifest` (one job) merges the prefilter's dropped rows and every part's rows into
 `manifest.json` (totals, reasons, buckets, the shard list) and `rows.parquet` (one row per input row: row,
