@@ -16,7 +16,11 @@ slurm
     into the log, and returns 0 when the job completes, or 1 with the job's error (the failing rank's
     traceback) when it fails. Each rank runs `TrainTask.__call__`: it exports MASTER_ADDR, MASTER_PORT,
     RANK, WORLD_SIZE and LOCAL_RANK with `submitit.helpers.TorchDistributedEnvironment().export()` (all
-    GPUs of the node stay visible; the trainer picks LOCAL_RANK) and calls `nyaflow.train.train`.
+    GPUs of the node stay visible; the trainer picks LOCAL_RANK) and calls `nyaflow.train.train`. The job
+    script first sets the thread counts of OpenMP, MKL and the other BLAS libraries to
+    `launch.cpus_per_task`: sbatch passes the submitting environment on, and Snakemake sets those variables
+    to the local rule's threads (the login node's cores). Runs with the same thread counts are bitwise
+    reproducible; runs with different BLAS thread counts differ in the last bits.
 
     The launcher records the job in `<submitit folder>/job.json`. If it is started again while that job
     still runs (Snakemake was killed, the login session dropped), it attaches to the job instead of
@@ -66,6 +70,16 @@ from submitit.helpers import Checkpointable
 ACTIVE_STATES = {"READY", "PENDING", "RUNNING", "REQUEUED", "COMPLETING", "PREEMPTED", "SUSPENDED"}
 ACTIVE_STATES |= {"CONFIGURING", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"}
 JOB_RECORD = "job.json"
+# Snakemake sets these to the submitting rule's threads (the login node's), and sbatch passes the environment
+# on: the job script sizes them for each rank's own CPUs instead (launch.setup may override them).
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 def tasks_per_node(lc: dict) -> int:
@@ -105,8 +119,9 @@ def slurm_parameters(config: dict) -> dict:
             params[key] = lc[key]
     if lc["exclusive"]:
         params["exclusive"] = True
-    if lc["setup"]:
-        params["setup"] = list(lc["setup"])
+    params["setup"] = [f"export {name}={lc['cpus_per_task']}" for name in THREAD_VARIABLES] + list(
+        lc["setup"]
+    )
     extra = {"requeue": True} if lc["max_requeues"] > 0 else {"no-requeue": True}
     for option in lc["sbatch_extra"]:  # "--name=value" or "--flag"
         name, sep, value = option[2:].partition("=")
@@ -201,6 +216,8 @@ class _Reporter:
     """State lines go to stderr (the Snakemake console) and the log; rank 0's output to the log only."""
 
     def __init__(self, log: Path | None):
+        if log:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log, "w") if log else None  # noqa: SIM115 - closed in close()
 
     def say(self, message: str) -> None:
@@ -254,6 +271,7 @@ def _run_local(config: dict, base: Path, data: Path, out: Path, log: Path | None
     from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
 
     if log:  # everything, DeepSpeed's and torch's output included, goes to the rule's log
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

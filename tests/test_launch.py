@@ -92,6 +92,10 @@ def test_every_launch_key_reaches_the_script(tmp_path):
         "export NCCL_DEBUG=INFO",
     ):
         assert line in script, line
+    # Thread pools sized for the rank's CPUs, not inherited from the Snakemake rule that submitted the job;
+    # the user's setup lines come after, and win.
+    setup = script[script.index("# setup") + 1 : script.index("module load cuda")]
+    assert "export OMP_NUM_THREADS=6" in setup and "export MKL_NUM_THREADS=6" in setup
     srun = next(line for line in script if line.startswith("srun "))
     assert "--kill-on-bad-exit=1 --cpu-bind=none" in srun
 

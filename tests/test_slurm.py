@@ -33,9 +33,9 @@ BIN = Path(sys.executable).parent
 PARTITION, ACCOUNT = "debug", "nyaflow"
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
-# The demo, made small: 24 images (+ the broken rows), a 20-step VAE fit, 6 training steps on 2 x 2 ranks.
+# The demo, made small: 24 images (+ the broken rows), a 20-step VAE fit, 8 training steps on 2 x 2 ranks.
 TRAIN = {
-    "steps": 6,
+    "steps": 8,
     "micro_batch": 2,
     "val_size": 2,
     "val_sigmas": 2,
@@ -57,7 +57,6 @@ LAUNCH = {
     "account": ACCOUNT,
     "max_requeues": 1,
     "poll_s": 1,
-    "setup": ["export OMP_NUM_THREADS=1"],  # 4 ranks share this machine's cores
 }
 
 
@@ -128,7 +127,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
     return result
 
 
-def test_profile(workdir: Path) -> list[str]:
+def sized_down_profile(workdir: Path) -> list[str]:
     """cluster/slurm as it is (yte-rendered), with only the site values and sizes changed for the test
     cluster: partition debug, account nyaflow, jobs that fit its 8-CPU, 4000 MB nodes, and quick polling."""
     profile = yte.process_yaml((REPO / "cluster" / "slurm" / "config.yaml").read_text(), require_use_yte=True)
@@ -178,7 +177,7 @@ def dag(cluster, tmp_path_factory):
         "launch": LAUNCH,
     }
     (workdir / "config" / "slurm-test.yaml").write_text(yaml.safe_dump(overlay))
-    profile = test_profile(workdir)
+    profile = sized_down_profile(workdir)
     configs = ["--configfile", "config/config.yaml", "config/slurm-test.yaml"]
     t0 = time.monotonic()
     result = snakemake(workdir, *profile, *configs, timeout=1500)
@@ -252,11 +251,8 @@ class Releaser(threading.Thread):
             if not record.is_file():
                 continue
             job_id = json.loads(record.read_text())["job_id"]
-            out = subprocess.run(
-                ["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True
-            )
-            state, _, reason = out.stdout.strip().partition("|")
-            if state == "PENDING" and reason == "BeginTime":
+            out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+            if out.stdout.strip() == "PENDING":
                 pending_since = pending_since or time.monotonic()
                 if time.monotonic() - pending_since > 2:
                     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=False)
@@ -274,28 +270,36 @@ def launch_train(workdir: Path, cfg: Path, out: Path, folder: Path) -> subproces
     return subprocess.Popen(cmd, cwd=workdir, env=ENV, stderr=subprocess.PIPE, text=True)
 
 
-def signal_at_step(out: Path, step: int, folder: Path) -> None:
-    """SIGUSR2 to every rank (as SLURM sends it before the time limit) once rank 0 logged `step`."""
+def losses(out: Path) -> list[int]:
+    """The steps whose training loss rank 0 logged, in order (across runs: metrics.jsonl is appended)."""
     metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return [json.loads(line)["step"] for line in lines if "train/loss" in line]
+
+
+def signal_after(out: Path, seen: int, folder: Path) -> None:
+    """SIGUSR2 to every rank (as SLURM sends it before the time limit) once rank 0 logged a loss beyond the
+    first `seen` ones, i.e. while the job runs and trains."""
     deadline = time.monotonic() + 600
-    while not (
-        metrics.exists()
-        and any(
-            json.loads(ln).get("step") == step
-            for ln in metrics.read_text().splitlines()
-            if "train/loss" in ln
-        )
-    ):
-        assert time.monotonic() < deadline, "training did not reach the step"
+    while len(losses(out)) <= seen:
+        assert time.monotonic() < deadline, "training did not get that far"
         time.sleep(0.1)
     job_id = json.loads((folder / "job.json").read_text())["job_id"]
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
 
+def wait_for_text(path: Path, text: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.2)
+
+
 def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
     """SIGUSR2 -> every rank saves -> rank 0 requeues (1 of launch.max_requeues = 1) -> the job resumes;
-    SIGUSR2 again -> saved, not requeued, the rule's launcher fails with the reason; rerun -> it resumes
-    and ends with bitwise the weights of the uninterrupted run."""
+    SIGUSR2 again -> saved, not requeued, the rule's launcher fails with the reason; rerun -> a new job
+    resumes (its launcher, killed, is replaced by one that attaches to it) and ends with bitwise the
+    weights of the uninterrupted run."""
     import torch
 
     from nyaflow import checkpoint
@@ -311,8 +315,9 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
     releaser.start()
     try:
         first = launch_train(workdir, tmp_path / "config.yaml", out, folder)
-        signal_at_step(out, 1, folder)
-        signal_at_step(out, 3, folder)  # after the requeue: resumed, and past the saved step
+        signal_after(out, 0, folder)
+        wait_for_text(tmp_path / "train.log", "requeued job")
+        signal_after(out, len(losses(out)), folder)  # the requeued run resumed and trains again
         _, stderr = first.communicate(timeout=900)
         assert first.returncode == 1, stderr
         job_id = json.loads((folder / "job.json").read_text())["job_id"]
@@ -322,21 +327,29 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
         assert re.search(rf"job {job_id} failed \(FAILED", stderr), stderr
         log = (tmp_path / "train.log").read_text()
         assert log.count("[nyaflow launch] stopped by a signal") == 1 and "requeued job" in log
-        assert re.search(r"starting at step [1-9]/6", log), log  # the requeued run resumed
+        assert re.search(rf"starting at step [1-9]/{TRAIN['steps']}", log), log  # the requeued run resumed
         saved = int(checkpoint.latest_tag(out / "checkpoints")[4:])
         assert 3 <= saved < TRAIN["steps"]
 
-        # Rerun (as rerunning the train rule does): a new job resumes from the saved step and finishes.
+        # Rerun (as rerunning the train rule does): a new job resumes from the saved step. Its launcher dies
+        # (SIGKILL, as when the login session drops); the next one attaches to the running job.
+        (tmp_path / "train.log").unlink()
         second = launch_train(workdir, tmp_path / "config.yaml", out, folder)
-        _, stderr = second.communicate(timeout=900)
-        assert second.returncode == 0, stderr
-        assert json.loads((folder / "job.json").read_text())["job_id"] != job_id
+        wait_for_text(tmp_path / "train.log", ": RUNNING")
+        second.kill()
+        second.wait()
+        rerun_job = json.loads((folder / "job.json").read_text())["job_id"]
+        assert rerun_job != job_id
+        third = launch_train(workdir, tmp_path / "config.yaml", out, folder)
+        _, stderr = third.communicate(timeout=900)
+        assert third.returncode == 0, stderr
+        assert f"attaching to job {rerun_job}" in stderr and f"job {rerun_job}: COMPLETED" in stderr, stderr
     finally:
         releaser.stop.set()
         for job in jobs_in(workdir):
             subprocess.run(["scancel", job], check=False)
     assert releaser.released >= 1
-    assert f"starting at step {saved}/6" in (tmp_path / "train.log").read_text()
+    assert f"starting at step {saved}/{TRAIN['steps']}" in (tmp_path / "train.log").read_text()
 
     tag = f"step{TRAIN['steps']:08d}"
     uninterrupted = consolidated_unet_state(results / "train" / "checkpoints", tag)
@@ -351,14 +364,16 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
 def test_rerun_one_stage_on_the_cluster(dag):
     workdir, args, _, _ = dag
     grid = workdir / "results" / "slurmtest" / "samples" / "grid.png"
-    before, jobs_before = grid.stat().st_mtime_ns, set(slurm_logs(workdir, "sample"))
+    training_job = (workdir / "logs" / "slurmtest" / "submitit" / "job.json").read_text()
+    before, logs_before = grid.stat().st_mtime_ns, set((workdir / "logs" / "slurm").rglob("*.log"))
     result = snakemake(workdir, *args, "--forcerun", "sample", "--until", "sample", timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert grid.stat().st_mtime_ns > before
-    (new,) = set(slurm_logs(workdir, "sample")) - jobs_before  # one new SLURM job, on one GPU
-    assert sacct(new)[0]["State"] == "COMPLETED" and "gres/gpu=1" in sacct(new)[0]["AllocTRES"]
-    for rule in ("train", "export", "preprocess", "download"):
-        assert f"rule {rule}:" not in result.stdout + result.stderr
+    # One new SLURM job, for sample, on one GPU; nothing else ran (no other job, no training job).
+    (new,) = set((workdir / "logs" / "slurm").rglob("*.log")) - logs_before
+    assert new.parent.name == "rule_sample"
+    assert sacct(new.stem)[0]["State"] == "COMPLETED" and "gres/gpu=1" in sacct(new.stem)[0]["AllocTRES"]
+    assert (workdir / "logs" / "slurmtest" / "submitit" / "job.json").read_text() == training_job
 
 
 def test_dry_run_of_the_full_recipe_plans_4_x_8_h100(cluster, tmp_path):
