@@ -296,7 +296,7 @@ def wait_for_text(path: Path, text: str, timeout: float = 600) -> None:
 
 
 @pytest.mark.skip(
-    reason="not yet reliable: failed in the last run on the test cluster under heavy load (issue 5 stays open)"
+    reason="not yet reliable: failed in the last run on the loaded test cluster (issue 5 stays open)"
 )
 def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
     """SIGUSR2 -> every rank saves -> rank 0 requeues (1 of launch.max_requeues = 1) -> the job resumes;
