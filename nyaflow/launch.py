@@ -42,6 +42,8 @@ Requeue on timeout and preemption
        `launch.max_requeues`, then exits without a result, as submitit's own requeue does; SLURM restarts
        the same job id, with the same pickled TrainTask, and `train` resumes from `latest`. When the budget
        is spent, rank 0 raises instead, the job fails with that message, and rerunning the rule resumes.
+       If `scontrol requeue` fails (the job was cancelled, or the site's preemption requeues it itself),
+       rank 0 only says so and exits: the job's own state then tells the launcher what happened.
 
     submitit's own USR2 handler (rank 0 calls `checkpoint()`, then requeues) stays in force only outside
     `train`'s loop, e.g. while the model loads: there no progress can be lost, `TrainTask.checkpoint`
@@ -190,7 +192,13 @@ class TrainTask(Checkpointable):
                     f"{e}; not requeued: launch.max_requeues ({self.max_requeues}) requeues are spent."
                     " Run the train rule again to resume from that checkpoint."
                 ) from None
-            requeue(job_id)
+            try:
+                requeue(job_id)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+                # Cancelled (scancel, the launcher's Ctrl-C), or the site's preemption requeues the job
+                # itself: no error result, so that the launcher goes by the job's state.
+                print(f"[nyaflow launch] {e}; not requeued: {err}", flush=True)
+                raise SystemExit(REQUEUE_EXIT_CODE) from None
             print(
                 f"[nyaflow launch] {e}; requeued job {job_id} ({restarts + 1} of {self.max_requeues})",
                 flush=True,

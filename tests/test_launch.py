@@ -162,6 +162,22 @@ def test_rank0_requeues_after_the_collective_save(slurm_rank, preempted_task):
     assert calls["env"] == {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "n1"}
 
 
+def test_a_failed_requeue_leaves_the_outcome_to_the_job_state(
+    slurm_rank, preempted_task, monkeypatch, capsys
+):
+    task, _ = preempted_task
+
+    def refused(job_id):
+        raise RuntimeError(f"scontrol requeue {job_id} failed: Job has already finished")
+
+    monkeypatch.setattr(launch, "requeue", refused)
+    slurm_rank(0)
+    with pytest.raises(SystemExit) as e:  # no exception: submitit writes no error result
+        task()
+    assert e.value.code == REQUEUE_EXIT_CODE
+    assert "not requeued: scontrol requeue 4242 failed" in capsys.readouterr().out
+
+
 def test_other_ranks_exit_quietly_and_leave_the_requeue_to_rank0(slurm_rank, preempted_task):
     task, calls = preempted_task
     slurm_rank(3)

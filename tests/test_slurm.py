@@ -89,9 +89,14 @@ def cluster():
         pytest.skip(problem)
 
 
-def sacct(*job_ids: str, fields: str = "JobID,JobName,State,NNodes,NTasks,NodeList,AllocTRES") -> list[dict]:
-    """sacct rows (jobs and their steps) of the given jobs, as dicts."""
-    args = ["sacct", "-n", "-P", "--format", fields]
+def sacct(
+    *job_ids: str,
+    fields: str = "JobID,JobName,State,NNodes,NTasks,NodeList,AllocTRES",
+    duplicates: bool = False,
+) -> list[dict]:
+    """sacct rows (jobs and their steps) of the given jobs, as dicts; with `duplicates`, every run of a
+    requeued job."""
+    args = ["sacct", "-n", "-P", "--format", fields] + (["--duplicates"] if duplicates else [])
     for j in job_ids:
         args += ["-j", str(j)]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
@@ -295,9 +300,6 @@ def wait_for_text(path: Path, text: str, timeout: float = 600) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.skip(
-    reason="not yet reliable: failed in the last run on the loaded test cluster (issue 5 stays open)"
-)
 def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
     """SIGUSR2 -> every rank saves -> rank 0 requeues (1 of launch.max_requeues = 1) -> the job resumes;
     SIGUSR2 again -> saved, not requeued, the rule's launcher fails with the reason; rerun -> a new job
@@ -324,15 +326,23 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
         _, stderr = first.communicate(timeout=900)
         assert first.returncode == 1, stderr
         job_id = json.loads((folder / "job.json").read_text())["job_id"]
-        for state in ("REQUEUED", "PENDING", "RUNNING"):
-            assert f"job {job_id}: {state}" in stderr, stderr
+        # The launcher kept waiting through the requeue (REQUEUED may pass between two polls) ...
+        assert stderr.count(f"job {job_id}: RUNNING") >= 2 and f"job {job_id}: PENDING" in stderr, stderr
+        # ... and SLURM ran the same job twice: the first run ended REQUEUED, the second FAILED.
+        runs = [
+            r["State"] for r in sacct(job_id, fields="JobID,State", duplicates=True) if r["JobID"] == job_id
+        ]
+        assert runs == ["REQUEUED", "FAILED"], runs
         assert "launch.max_requeues (1) requeues are spent" in stderr, stderr
         assert re.search(rf"job {job_id} failed \(FAILED", stderr), stderr
         log = (tmp_path / "train.log").read_text()
         assert log.count("[nyaflow launch] stopped by a signal") == 1 and "requeued job" in log
         assert re.search(rf"starting at step [1-9]/{TRAIN['steps']}", log), log  # the requeued run resumed
+        first_stop = int(
+            re.search(r"stopped by a signal at step (\d+); its checkpoint is saved; requeued", log)[1]
+        )
         saved = int(checkpoint.latest_tag(out / "checkpoints")[4:])
-        assert 3 <= saved < TRAIN["steps"]
+        assert first_stop < saved < TRAIN["steps"]  # the second stop saved too, later
 
         # Rerun (as rerunning the train rule does): a new job resumes from the saved step. Its launcher dies
         # (SIGKILL, as when the login session drops); the next one attaches to the running job.
