@@ -17,7 +17,7 @@ rule train:
     """
     input:
         base=f"{RESULTS}/base_model",
-        manifest=f"{RESULTS}/data/manifest.json",
+        manifest=f"{TRAIN_DATA}/manifest.json",
     output:
         summary=f"{RESULTS}/train/summary.json",
     log:
