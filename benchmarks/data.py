@@ -1,4 +1,5 @@
-"""Preprocessing throughput (images/s per core) beside img2dataset's own resize on the same images.
+"""Preprocessing throughput (images/s per core) beside img2dataset's own resize on the same images, and the
+training loader beside a bare tar read + decode loop on the same shard.
 
     .venv/bin/python benchmarks/data.py [--images 32] [--resolution 1024]
 
@@ -9,6 +10,13 @@ Makes danbooru-like images (JPEG and PNG, 1100-4000 px, aspect 0.5-2), then, in 
 - img2dataset's Resizer (OpenCV decode, INTER_AREA resize, encode) in center_crop mode at the same
   resolution, jpg output, and in keep_ratio mode.
 Prints images/s per core for each and the ratio of nyaflow's to img2dataset's (same output format).
+
+Then it writes those images, preprocessed, as one training shard (PNG, as the preprocess stage writes by
+default) and reads it, in this process, with:
+- nyaflow's training loader (`nyaflow.loader.micro_batches`, no workers: the loader's own cost): index
+  lookup, read, PNG decode, [-1, 1] tensors, collated micro batches of 4;
+- a bare loop: `tarfile` over the shard in order, PIL decode of each image, the same tensor conversion.
+Prints images/s of both (the best of 3 alternating rounds) and their ratio.
 """
 
 from __future__ import annotations
@@ -68,6 +76,55 @@ def rates(methods: dict, images: list[bytes]) -> dict[str, float]:
     return {name: len(images) / s for name, s in seconds.items()}
 
 
+def loader_rates(samples: list[tuple], rounds: int = 3) -> dict[str, float]:
+    """Images/s of nyaflow's loader and of a bare tar read + decode loop over the shards (one per bucket)
+    of `samples`, (bucket, {ext: bytes}) pairs."""
+    import json
+    import tarfile
+    import tempfile
+
+    import torch
+
+    from nyaflow.loader import TrainingSet, micro_batches
+    from nyaflow.shards import ShardWriter
+
+    folder = Path(tempfile.mkdtemp(prefix="nyaflow-loader-bench-"))
+    (folder / "shards").mkdir()
+    shards = []
+    for bucket in sorted({b for b, _ in samples}):
+        writer = ShardWriter(folder / "shards", f"{bucket[0]}x{bucket[1]}", len(samples))
+        for i, (b, sample) in enumerate(samples):
+            if b == bucket:
+                writer.write(f"{i:06d}", sample)
+        writer.close()
+        shards += [{**shard, "bucket": list(bucket)} for shard in writer.shards]
+    (folder / "manifest.json").write_text(json.dumps({"shards": shards}))
+    dataset = TrainingSet(folder)
+    indices = np.arange(len(dataset))
+
+    def nyaflow_loader():
+        batches = micro_batches(dataset, indices, 4, 0, 1, 0, 0, num_workers=0)
+        seen = 0
+        while seen < len(indices):
+            seen += len(next(batches)[1]["caption"])
+
+    def bare_tar():
+        for shard in shards:
+            with tarfile.open(folder / "shards" / shard["path"]) as tar:
+                for member in tar:
+                    if member.name.endswith(".png"):
+                        image = Image.open(tar.extractfile(member)).convert("RGB")
+                        torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+    best = {"nyaflow loader": float("inf"), "bare tar loop": float("inf")}
+    for _ in range(rounds):
+        for name, fn in (("bare tar loop", bare_tar), ("nyaflow loader", nyaflow_loader)):
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(samples) / seconds for name, seconds in best.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=32)
@@ -105,6 +162,13 @@ def main() -> None:
     for resample in ("area", "lanczos"):
         ours = results[f"nyaflow preprocess {resample} (jpg)"]
         print(f"ratio nyaflow ({resample}) / img2dataset (center_crop), jpg: {ours / theirs:.2f}")
+
+    png = {**settings, "image_format": "png", "downscale_filter": "area"}
+    loader = loader_rates([make_sample(d, "1girl, solo", png, buckets) for d in images])
+    for name, value in loader.items():
+        print(f"{name:{width}s}  {value:6.1f} images/s per core")
+    ratio = loader["nyaflow loader"] / loader["bare tar loop"]
+    print(f"ratio nyaflow loader / bare tar read+decode, png: {ratio:.2f}")
     print(f"(one process; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 

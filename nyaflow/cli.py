@@ -96,6 +96,12 @@ def cmd_launch_train(cfg: dict, args) -> int:
     return launch_train(cfg, args.base, args.data, args.out, args.submitit_folder, args.log)
 
 
+def cmd_preflight(cfg: dict, args) -> int:
+    from nyaflow.launch import launch_preflight
+
+    return launch_preflight(cfg, args.data, args.out, args.submitit_folder, args.log)
+
+
 def cmd_export(cfg: dict, args) -> None:
     from nyaflow.export import export
 
@@ -171,24 +177,40 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--parts", type=int, required=True, help="number of parts")
     s.add_argument("--out", type=Path, required=True, help="latents folder (part-*/, manifest.json)")
 
-    s = stage("train", cmd_train, "flow-matching training with DeepSpeed (resumes from checkpoints/latest)")
-    s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
-    s.add_argument("--data", type=Path, required=True, help="data folder")
-    s.add_argument("--out", type=Path, required=True, help="train folder (checkpoints/, tb/, summary.json)")
+    def training_arguments(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
+        s.add_argument("--data", type=Path, required=True, help="data folder")
+        s.add_argument(
+            "--out", type=Path, required=True, help="train folder (checkpoints/, tb/, summary.json)"
+        )
 
+    def launch_arguments(s: argparse.ArgumentParser) -> None:
+        s.add_argument(
+            "--submitit-folder", type=Path, required=True, help="submitit's folder: job pickles and rank logs"
+        )
+        s.add_argument(
+            "--log", type=Path, help="the rule's log: this process's output, job states, rank 0's output"
+        )
+
+    s = stage("train", cmd_train, "flow-matching training with DeepSpeed (resumes from checkpoints/latest)")
+    training_arguments(s)
     s = stage(
         "launch-train",
         cmd_launch_train,
         "train as launch.backend says: in this process, or as one multi-node SLURM job (submitit) that it"
         " waits for",
     )
-    s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")
-    s.add_argument("--data", type=Path, required=True, help="data folder")
-    s.add_argument("--out", type=Path, required=True, help="train folder (checkpoints/, tb/, summary.json)")
-    s.add_argument(
-        "--submitit-folder", type=Path, required=True, help="submitit's folder: job pickles and rank logs"
+    training_arguments(s)
+    launch_arguments(s)
+    s = stage(
+        "preflight",
+        cmd_preflight,
+        "check the training allocation before training (GPUs, matmul rate, all-reduce bandwidth, data read"
+        " rate), on the training job's shape, launched as launch.backend says",
     )
-    s.add_argument("--log", type=Path, help="the rule's log: training output, job states, rank 0's output")
+    s.add_argument("--data", type=Path, required=True, help="training data folder (as for launch-train)")
+    s.add_argument("--out", type=Path, required=True, help="preflight folder (report.json, report.html)")
+    launch_arguments(s)
 
     s = stage("export", cmd_export, "export a checkpoint as a diffusers folder and a single SDXL file")
     s.add_argument("--base", type=Path, required=True, help="base model diffusers folder")

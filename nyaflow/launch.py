@@ -1,6 +1,7 @@
 """Launching training: in this process (`launch.backend: local`), or as one multi-node SLURM job submitted
 with submitit (`launch.backend: slurm`). The train rule calls `nyaflow launch-train`, which calls
-`launch_train`.
+`launch_train`. The preflight rule launches the allocation check (nyaflow.preflight) the same way, on the
+same job shape (`launch_preflight`, `PreflightTask`): its own job name, preflight.time_min, no requeue.
 
 local
     `nyaflow.train.train` runs in this process, on this machine: world size 1, on one GPU or the CPU (the
@@ -89,20 +90,30 @@ def tasks_per_node(lc: dict) -> int:
     return lc["tasks_per_node"] or max(1, lc["gpus_per_node"])
 
 
-def job_name(config: dict) -> str:
-    return config["launch"]["job_name"] or f"nyaflow-train-{config['run']}"
+def job_name(config: dict, purpose: str = "train") -> str:
+    """nyaflow-<purpose>-<run>, or launch.job_name (with -preflight appended for the preflight job)."""
+    name = config["launch"]["job_name"]
+    if name:
+        return name if purpose == "train" else f"{name}-{purpose}"
+    return f"nyaflow-{purpose}-{config['run']}"
 
 
-def slurm_parameters(config: dict) -> dict:
+def max_requeues(config: dict, purpose: str) -> int:
+    """Training requeues itself up to launch.max_requeues times; the preflight never does."""
+    return config["launch"]["max_requeues"] if purpose == "train" else 0
+
+
+def slurm_parameters(config: dict, purpose: str = "train") -> dict:
     """The `submitit.SlurmExecutor.update_parameters` arguments for the launch section: every sbatch option
-    of the training job, in one place."""
+    of the training job (purpose "train") or of the preflight job on the same allocation shape (purpose
+    "preflight": preflight.time_min, no requeue), in one place."""
     lc = config["launch"]
     params: dict = {
-        "job_name": job_name(config),
+        "job_name": job_name(config, purpose),
         "nodes": lc["nodes"],
         "ntasks_per_node": tasks_per_node(lc),
         "cpus_per_task": lc["cpus_per_task"],
-        "time": lc["time_min"],
+        "time": lc["time_min"] if purpose == "train" else config["preflight"]["time_min"],
         "signal_delay_s": lc["signal_delay_s"],
         # One log per rank: <folder>/<job id>_<rank>_log.out, stdout and stderr together.
         "stderr_to_stdout": True,
@@ -124,7 +135,7 @@ def slurm_parameters(config: dict) -> dict:
     params["setup"] = [f"export {name}={lc['cpus_per_task']}" for name in THREAD_VARIABLES] + list(
         lc["setup"]
     )
-    extra = {"requeue": True} if lc["max_requeues"] > 0 else {"no-requeue": True}
+    extra = {"requeue": True} if max_requeues(config, purpose) > 0 else {"no-requeue": True}
     for option in lc["sbatch_extra"]:  # "--name=value" or "--flag"
         name, sep, value = option[2:].partition("=")
         extra[name] = value if sep else True
@@ -132,7 +143,7 @@ def slurm_parameters(config: dict) -> dict:
     return params
 
 
-def describe(config: dict) -> str:
+def describe(config: dict, purpose: str = "train") -> str:
     """One line for the plan and the log: the job's shape and where it goes."""
     lc = config["launch"]
     if lc["backend"] == "local":
@@ -142,8 +153,8 @@ def describe(config: dict) -> str:
         f"one SLURM job of {n} nodes x {t} ranks = world size {n * t}",
         f"{g} GPUs per node" + (f" ({lc['gpu_type']})" if lc["gpu_type"] else "") if g else "no GPUs",
         f"{lc['cpus_per_task']} CPUs per rank",
-        f"{lc['time_min']} min per run",
-        f"up to {lc['max_requeues']} requeues",
+        f"{slurm_parameters(config, purpose)['time']} min per run",
+        f"up to {max_requeues(config, purpose)} requeues",
     ]
     parts += [f"{k} {lc[k]}" for k in ("partition", "account", "qos", "constraint") if lc[k]]
     return ", ".join(parts)
@@ -161,6 +172,27 @@ def requeue(job_id: str) -> None:
         raise RuntimeError(f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}")
 
 
+def export_distributed_env():
+    """In a rank of the SLURM job: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK from SLURM's
+    variables (every GPU of the node stays visible: the rank picks cuda:LOCAL_RANK itself)."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    return TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+class PreflightTask:
+    """What every rank of the preflight job runs (pickled by submitit)."""
+
+    def __init__(self, config: dict, data: Path, out: Path):
+        self.config, self.data, self.out = config, Path(data), Path(out)
+
+    def __call__(self) -> dict:
+        from nyaflow.preflight import preflight
+
+        export_distributed_env()
+        return preflight(self.config, self.data, self.out)
+
+
 class TrainTask(Checkpointable):
     """What every rank of the SLURM job runs (pickled by submitit; imported from nyaflow on the nodes)."""
 
@@ -169,12 +201,9 @@ class TrainTask(Checkpointable):
         self.max_requeues = config["launch"]["max_requeues"]
 
     def __call__(self) -> dict:
-        from submitit.helpers import TorchDistributedEnvironment
-
         from nyaflow.train import REQUEUE_EXIT_CODE, Preempted, train
 
-        # Keep every GPU of the node visible: the trainer selects cuda:LOCAL_RANK itself.
-        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        env = export_distributed_env()
         job_id, restarts = os.environ.get("SLURM_JOB_ID", "?"), restart_count()
         if env.rank == 0:
             print(
@@ -271,14 +300,42 @@ def launch_train(
 ) -> int:
     """Train as launch.backend says; returns the exit status for `nyaflow launch-train`."""
     if config["launch"]["backend"] == "local":
-        return _run_local(config, base, data, out, log)
-    return _run_slurm(config, Path(base).resolve(), Path(data).resolve(), Path(out).resolve(), folder, log)
+        return _train_here(config, base, data, out, log)
+    base, data, out = Path(base).resolve(), Path(data).resolve(), Path(out).resolve()
+
+    def done(s: dict) -> str:
+        return f"{s['steps']} steps, world size {s['world_size']}, checkpoint {s['checkpoint']}"
+
+    return _run_slurm(
+        config, "train", TrainTask(config, base, data, out), [base, data, out], folder, log, done
+    )
 
 
-def _run_local(config: dict, base: Path, data: Path, out: Path, log: Path | None) -> int:
-    from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
+def launch_preflight(config: dict, data: Path, out: Path, folder: Path, log: Path | None = None) -> int:
+    """The preflight (nyaflow.preflight) on the training job's shape, as launch.backend says; returns the
+    exit status for `nyaflow preflight`: 0 healthy, 1 failed (the report names the slow nodes)."""
+    if config["launch"]["backend"] == "local":
+        from nyaflow.preflight import PreflightFailed, preflight
 
-    if log:  # everything, DeepSpeed's and torch's output included, goes to the rule's log
+        _output_to(log)
+        try:
+            preflight(config, data, out)
+        except PreflightFailed as e:
+            print(f"nyaflow preflight: {e}", file=sys.stderr)
+            return 1
+        return 0
+    data, out = Path(data).resolve(), Path(out).resolve()
+
+    def done(report: dict) -> str:
+        return f"{report['world_size']} ranks on {', '.join(report['hosts'])}: healthy"
+
+    return _run_slurm(config, "preflight", PreflightTask(config, data, out), [data, out], folder, log, done)
+
+
+def _output_to(log: Path | None) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2: DeepSpeed's and torch's output
+    included) to the rule's log."""
+    if log:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -286,6 +343,12 @@ def _run_local(config: dict, base: Path, data: Path, out: Path, log: Path | None
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+
+
+def _train_here(config: dict, base: Path, data: Path, out: Path, log: Path | None) -> int:
+    from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
+
+    _output_to(log)
     try:
         train(config, base, data, out)
     except Preempted as e:
@@ -297,8 +360,8 @@ def _run_local(config: dict, base: Path, data: Path, out: Path, log: Path | None
     return 0
 
 
-def _submission_key(config: dict, base: Path, data: Path, out: Path) -> str:
-    text = json.dumps([config, str(base), str(data), str(out)], sort_keys=True, default=str)
+def _submission_key(config: dict, purpose: str, paths: list[Path]) -> str:
+    text = json.dumps([config, purpose, *map(str, paths)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -307,14 +370,19 @@ def _state(job) -> tuple[str, str]:
     return info.get("State") or "UNKNOWN", info.get("NodeList") or ""
 
 
-def _run_slurm(config: dict, base: Path, data: Path, out: Path, folder: Path, log: Path | None) -> int:
+def _run_slurm(
+    config: dict, purpose: str, task, paths: list[Path], folder: Path, log: Path | None, done
+) -> int:
+    """Submit `task` as one job of the launch section's shape (or attach to the one submitted earlier for
+    the same settings and `paths`), wait for it, and report `done(rank 0's result)` when it completes."""
     import submitit
 
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     lc = config["launch"]
     n_tasks = lc["nodes"] * tasks_per_node(lc)
-    key = _submission_key(config, base, data, out)
+    key = _submission_key(config, purpose, paths)
+    out = paths[-1]
     record = folder / JOB_RECORD
     reporter = _Reporter(log)
     job = None
@@ -340,17 +408,17 @@ def _run_slurm(config: dict, base: Path, data: Path, out: Path, folder: Path, lo
         if job is None:
             executor = submitit.SlurmExecutor(
                 folder=folder,
-                max_num_timeout=lc["max_requeues"],
+                max_num_timeout=max_requeues(config, purpose),
                 python=lc["python"] or shlex.quote(sys.executable),
             )
-            executor.update_parameters(**slurm_parameters(config))
-            job = executor.submit(TrainTask(config, base, data, out))
+            executor.update_parameters(**slurm_parameters(config, purpose))
+            job = executor.submit(task)
             tmp = record.with_suffix(".tmp")
             tmp.write_text(json.dumps({"job_id": job.job_id, "tasks": n_tasks, "key": key}))
             tmp.replace(record)
-            reporter.say(f"submitted job {job.job_id}: {describe(config)}")
+            reporter.say(f"submitted job {job.job_id}: {describe(config, purpose)}")
         reporter.say(f"rank logs: {folder}/{job.job_id}_<rank>_log.out; rank 0's output follows in this log")
-        return _wait(job, n_tasks, lc["poll_s"], reporter)
+        return _wait(job, n_tasks, lc["poll_s"], reporter, done)
     except _Interrupted as e:
         if job is not None:
             job.cancel(check=False)
@@ -365,7 +433,7 @@ def _run_slurm(config: dict, base: Path, data: Path, out: Path, folder: Path, lo
         reporter.close()
 
 
-def _wait(job, n_tasks: int, poll_s: float, reporter: _Reporter) -> int:
+def _wait(job, n_tasks: int, poll_s: float, reporter: _Reporter, done) -> int:
     """Block until the job ends, reporting its state changes; then its result or error."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
@@ -397,11 +465,7 @@ def _wait(job, n_tasks: int, poll_s: float, reporter: _Reporter) -> int:
             reporter.log.write(f"{e}\n")
         reporter.say(f"job {job.job_id} failed ({state}): {_last_line(str(e))}")
         return 1
-    s = summaries[0]
-    reporter.say(
-        f"job {job.job_id} {state}: {s['steps']} steps, world size {s['world_size']},"
-        f" checkpoint {s['checkpoint']}"
-    )
+    reporter.say(f"job {job.job_id} {state}: {done(summaries[0])}")
     return 0
 
 

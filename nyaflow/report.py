@@ -154,7 +154,7 @@ pre { background: #f6f6f6; padding: 1em; }
 </style>"""
 
 
-def _page(title: str, body: list[str]) -> str:
+def html_page(title: str, body: list[str]) -> str:
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -177,7 +177,7 @@ def _cell(value) -> str:
     return f"<td>{html.escape(str(value))}</td>"
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -212,18 +212,18 @@ def training_html(summary: dict, metrics: list[dict], scores: dict | None, run: 
         rows.append(["training loss, last logged", losses[-1]])
     if "nonfinite_skipped" in summary:
         rows.append(["micro-steps skipped for a non-finite loss", summary["nonfinite_skipped"]])
-    body = ["<h3>Summary</h3>", _table(["", "value"], rows)]
+    body = ["<h3>Summary</h3>", html_table(["", "value"], rows)]
     val = summary.get("val_loss", [])
     if val:
-        body += ["<h3>Validation loss</h3>", _table(["step", "validation loss"], [list(v) for v in val])]
+        body += ["<h3>Validation loss</h3>", html_table(["step", "validation loss"], [list(v) for v in val])]
     if scores:
         body += [
             "<h3>Sample scores</h3>",
             "<p>Demo only: the share of pixels that show the background colour the prompt names, for the "
             "trained model and for the untrained base model (same prompts and seeds).</p>",
-            _table(["score", "value"], [[k, v] for k, v in scores.items()]),
+            html_table(["score", "value"], [[k, v] for k, v in scores.items()]),
         ]
-    return _page(f"Training of run {run}", body)
+    return html_page(f"Training of run {run}", body)
 
 
 FATES = {
@@ -248,7 +248,7 @@ def data_html(manifest: dict, run: str) -> str:
         "row is accounted for, with the reason when it was not kept; data/rows.parquet has one line per "
         "row.</p>",
         "<h3>Rows by fate</h3>",
-        _table(
+        html_table(
             ["fate", "meaning", "rows", "share"],
             [[k, FATES.get(k, ""), v, share(v)] for k, v in counts.items()]
             + [["total", "rows in", sum(counts.values()), share(sum(counts.values()))]],
@@ -260,29 +260,31 @@ def data_html(manifest: dict, run: str) -> str:
         for status, by_reason in manifest.get("reasons", {}).items()
         for reason, n in by_reason.items()
     ]
-    body.append(_table(["fate", "reason", "rows"], reasons) if reasons else "<p>Every row was kept.</p>")
+    body.append(html_table(["fate", "reason", "rows"], reasons) if reasons else "<p>Every row was kept.</p>")
     parts = manifest.get("parts", {})
     if parts:
         columns = list(dict.fromkeys(k for fates in parts.values() for k in fates))
         body += [
             "<h3>Download parts</h3>",
-            _table(["part", *columns], [[name, *(f.get(c) for c in columns)] for name, f in parts.items()]),
+            html_table(
+                ["part", *columns], [[name, *(f.get(c) for c in columns)] for name, f in parts.items()]
+            ),
         ]
     buckets = manifest.get("buckets", {})
     if buckets:
         body += [
             "<h3>Training samples per aspect bucket</h3>",
-            _table(["bucket (h x w px)", "samples"], [[b, n] for b, n in buckets.items()]),
+            html_table(["bucket (h x w px)", "samples"], [[b, n] for b, n in buckets.items()]),
         ]
     body.append(f"<p>{len(manifest.get('shards', [])):,} training shards.</p>")
-    return _page(f"Data accounting of run {run}", body)
+    return html_page(f"Data accounting of run {run}", body)
 
 
 def config_html(config: dict) -> str:
     import yaml
 
     text = yaml.safe_dump(config, sort_keys=False)
-    return _page(
+    return html_page(
         f"Config of run {config.get('run', '')}",
         [
             "<p>The validated config with every default filled (results/&lt;run&gt;/config.yaml), as the "

@@ -25,6 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world_size: int, port: int) -> dict:
+    """The environment of one rank of a CPU process group over 127.0.0.1 (as torchrun would set it)."""
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
+    return env | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
 def make_config(**sections) -> dict:
     """A validated config: the schema's defaults, with the given sections merged in."""
     raw = {"run": "test", "data": {"demo": {"port": free_port()}}}

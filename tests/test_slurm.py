@@ -180,6 +180,8 @@ def dag(cluster, tmp_path_factory):
         "train": TRAIN,
         "sample": {"steps": 4, "seeds": [0, 1]},
         "launch": LAUNCH,
+        # Lenient: the 4 ranks share this machine's 2 cores with the cluster's daemons.
+        "preflight": {"min_fraction": 0.3},
     }
     (workdir / "config" / "slurm-test.yaml").write_text(yaml.safe_dump(overlay))
     profile = sized_down_profile(workdir)
@@ -222,7 +224,21 @@ def test_whole_dag_runs_as_slurm_jobs(dag):
     (sample_job,) = slurm_logs(workdir, "sample")
     assert "gres/gpu=1" in sacct(sample_job)[0]["AllocTRES"]
     # Local rules ran on the login node: no SLURM job.
-    assert not slurm_logs(workdir, "train") and not slurm_logs(workdir, "report")
+    assert not any(slurm_logs(workdir, rule) for rule in ("preflight", "train", "report"))
+
+    # The preflight: ONE submitit job on the training job's shape, before training; every rank healthy.
+    preflight_job = json.loads(
+        (workdir / "logs" / "slurmtest" / "submitit-preflight" / "job.json").read_text()
+    )
+    row = sacct(preflight_job["job_id"])[0]
+    assert row["JobName"] == "nyaflow-preflight-slurmtest" and row["State"] == "COMPLETED", row
+    assert row["NNodes"] == "2" and "gres/gpu=4" in row["AllocTRES"], row
+    report = json.loads((results / "preflight" / "report.json").read_text())
+    assert report["ok"] and report["world_size"] == 4 and len(report["hosts"]) == 2, report
+    assert (
+        all(r["matmul_tflops"] > 0 and r["images_per_s"] > 0 for r in report["ranks"])
+        and report["busbw_gbps"] > 0
+    )
 
     # Training: ONE submitit job of 2 nodes x 2 ranks, world size 4, 2 (fake) GPUs per node.
     job_id = json.loads((workdir / "logs" / "slurmtest" / "submitit" / "job.json").read_text())["job_id"]
@@ -372,6 +388,31 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
     a = json.loads((results / "train" / "summary.json").read_text())
     b = json.loads((out / "summary.json").read_text())
     assert a["loss"] == b["loss"] and a["val_loss"] == b["val_loss"]
+
+
+def test_preflight_names_the_node_of_a_slow_rank(dag, tmp_path):
+    """The preflight job of the DAG's shape (2 nodes x 2 ranks) with rank 3 made 10x slower by fault
+    injection: the launcher fails, naming rank 3's node, which is one of the job's nodes and not rank 0's."""
+    workdir = dag[0]
+    results = workdir / "results" / "slurmtest"
+    cmd = [str(BIN / "nyaflow"), "preflight", "--config", str(results / "config.yaml")]
+    cmd += ["--data", str(results / "data"), "--out", str(tmp_path / "preflight")]
+    cmd += ["--submitit-folder", str(tmp_path / "submitit"), "--log", str(tmp_path / "preflight.log")]
+    env = {**ENV, "NYAFLOW_PREFLIGHT_SLOW_RANK": "3:10"}
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    report = json.loads((tmp_path / "preflight" / "report.json").read_text())
+    hosts = {r["rank"]: r["host"] for r in report["ranks"]}
+    assert hosts[3] != hosts[0]
+    job_id = json.loads((tmp_path / "submitit" / "job.json").read_text())["job_id"]
+    job = sacct(job_id)[0]
+    assert job["State"] == "FAILED", job
+    nodes = subprocess.run(
+        ["scontrol", "show", "hostnames", job["NodeList"]], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert hosts[3] in nodes, (hosts, nodes)
+    assert re.search(rf"job {job_id} failed \(FAILED.*rank 3 on {hosts[3]}: matmul", done.stderr), done.stderr
+    assert report["problems"][0].startswith(f"rank 3 on {hosts[3]}: matmul")
 
 
 def test_rerun_one_stage_on_the_cluster(dag):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port, make_config
+from conftest import free_port, make_config, rank_env
 
 from nyaflow import checkpoint, flow
 from nyaflow.train import REQUEUE_EXIT_CODE
@@ -33,11 +33,10 @@ def launch(cfg: dict, tiny_model: Path, data_dir: Path, out: Path, world_size: i
     """Start `nyaflow train` as `world_size` ranks (one process each, gloo over 127.0.0.1)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    port = str(free_port())
+    port = free_port()
     procs = []
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        env = rank_env(rank, world_size, port)
         cmd = [sys.executable, "-m", "nyaflow.cli", "train", "--config", str(out / "config.yaml")]
         cmd += ["--base", str(tiny_model), "--data", str(data_dir), "--out", str(out)]
         log = open(out / f"rank{rank}.log", "a")  # noqa: SIM115 - closed when the process ends

@@ -43,7 +43,7 @@ def test_demo_produces_every_artifact(demo_run):
     assert manifest["counts"]["kept"] == 384
     assert sum(manifest["counts"].values()) == manifest["rows_in"] == 390
     assert len(pd.read_parquet(results / "data" / "rows.parquet")) == 390
-    assert (results / "train" / "checkpoints" / "latest").read_text().strip() == "step00000800"
+    assert (results / "train" / "checkpoints" / "latest").read_text().strip() == "step00000500"
     assert (results / "export" / "diffusers" / "model_index.json").is_file()
     assert (results / "export" / "demo.safetensors").stat().st_size > 1_000_000
     grid = Image.open(results / "samples" / "grid.png")
