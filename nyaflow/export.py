@@ -8,6 +8,10 @@ The checkpoint is `export.tag` (or `--tag`), by default the one `latest` names. 
   a plain state dict of fp32 tensors in the checkpoint's client state under "ema_unet" (in rank 0's
   model-states file, `mp_rank_00_model_states.pt`).
 
+Text encoders trained with the UNet (train.text_encoder_lr / text_encoder_2_lr) are in the checkpoint under
+`text_encoder.` / `text_encoder_2.` (and the UNet under `unet.`); their raw weights are exported with either
+choice of UNet weights (the EMA covers the UNet only). Frozen ones come from the base model.
+
 The diffusers folder carries the base model's VAE, text encoders and tokenizers, the exported UNet, a
 FlowMatchEulerDiscreteScheduler config with the inference shift (`export.shift`) and a model card
 (README.md). Everything is written under a temporary name and renamed when complete.
@@ -23,7 +27,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nyaflow.errors import UserError
-from nyaflow.model import load_components, save_components
+from nyaflow.model import Components, load_components, save_components
 from nyaflow.scheduler import FlowMatchEulerSDXLScheduler
 from nyaflow.single_file import save_single_file
 
@@ -71,8 +75,8 @@ def checkpoint_state(ckpt_dir: Path, tag: str) -> dict:
         raise ExportError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
-def consolidated_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The UNet's raw fp32 weights from a DeepSpeed checkpoint."""
+def consolidated_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The trained module's raw fp32 weights from a DeepSpeed checkpoint (the UNet's, or TrainedModules')."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(ckpt_dir) / tag
@@ -89,6 +93,23 @@ def consolidated_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
         raise ExportError(f"DeepSpeed cannot consolidate checkpoint {folder}: {type(e).__name__}: {e}") from e
 
 
+def split_trained(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"unet": ..., "text_encoder": ..., ...} from a consolidated state: a TrainedModules state is split by
+    its key prefixes; a bare UNet's state is all "unet"."""
+    if not any(k.startswith("unet.") for k in state):
+        return {"unet": state}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        part, _, name = key.partition(".")
+        parts.setdefault(part, {})[name] = value
+    return parts
+
+
+def consolidated_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The UNet's raw fp32 weights from a DeepSpeed checkpoint."""
+    return split_trained(consolidated_state(ckpt_dir, tag))["unet"]
+
+
 def ema_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The UNet's EMA weights (fp32) from the checkpoint's client state."""
     state = checkpoint_state(ckpt_dir, tag)
@@ -103,17 +124,9 @@ def ema_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in ema.items()}
 
 
-def unet_state(ckpt_dir: Path, tag: str, weights: str) -> dict[str, torch.Tensor]:
-    if weights == "ema":
-        return ema_unet_state(ckpt_dir, tag)
-    if weights == "raw":
-        return consolidated_unet_state(ckpt_dir, tag)
-    raise ExportError(f"export.weights must be raw or ema, not {weights!r}")
-
-
-def check_fits(unet: UNet2DConditionModel, state: dict[str, torch.Tensor], what: str) -> None:
-    """A clear error when a state dict is not one of this UNet (another base model, another network)."""
-    expected = unet.state_dict()
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, part: str = "UNet"):
+    """A clear error when a state dict is not one of this module (another base model, another network)."""
+    expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
@@ -127,17 +140,29 @@ def check_fits(unet: UNet2DConditionModel, state: dict[str, torch.Tensor], what:
         if found
     ]
     if problems:
-        raise ExportError(f"{what} does not fit the base model's UNet: {'; '.join(problems)}")
+        raise ExportError(f"{what} does not fit the base model's {part}: {'; '.join(problems)}")
 
 
-def load_trained_unet(base_dir: Path, ckpt_dir: Path, tag: str, weights: str = "raw") -> UNet2DConditionModel:
+def trained_components(base_dir: Path, ckpt_dir: Path, tag: str, weights: str = "raw") -> Components:
+    """The base model's components with the checkpoint's UNet (`weights`: raw or EMA) and its trained text
+    encoders, if any. The checkpoint is consolidated once."""
+    if weights not in ("raw", "ema"):
+        raise ExportError(f"export.weights must be raw or ema, not {weights!r}")
     if not (Path(base_dir) / "unet" / "config.json").is_file():
         raise ExportError(f"base model {base_dir} is not a diffusers SDXL folder (no unet/config.json)")
+    what = f"checkpoint {Path(ckpt_dir) / tag}"
+    parts = split_trained(consolidated_state(ckpt_dir, tag))
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base_dir) / "unet"))
-    state = unet_state(ckpt_dir, tag, weights)
-    check_fits(unet, state, f"checkpoint {Path(ckpt_dir) / tag} ({weights} weights)")
+    state = parts["unet"] if weights == "raw" else ema_unet_state(ckpt_dir, tag)
+    check_fits(unet, state, f"{what} ({weights} weights)")
     unet.load_state_dict(state, strict=True)
-    return unet
+    c = load_components(base_dir, unet=unet)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in parts:
+            encoder = getattr(c, name)
+            check_fits(encoder, parts[name], what, name.replace("_", " "))
+            encoder.load_state_dict(parts[name], strict=True)
+    return c
 
 
 def training_facts(ckpt_dir: Path, tag: str, summary: dict) -> dict:
@@ -275,8 +300,7 @@ def export(
     if not summary_path.is_file():
         raise ExportError(f"training summary {summary_path} does not exist (has training finished?)")
     summary = json.loads(summary_path.read_text())
-    unet = load_trained_unet(base_dir, ckpt_dir, tag, weights)
-    components = load_components(base_dir, unet=unet)
+    components = trained_components(base_dir, ckpt_dir, tag, weights)
     facts = training_facts(ckpt_dir, tag, summary)
     shift = ec["shift"]
     out_dir = Path(out_dir)

@@ -2,7 +2,8 @@
 
 One process per GPU (or per CPU rank with gloo). The process group comes from the usual environment
 variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process without them runs
-as world size 1. VAE and text encoders are frozen; only the UNet is trained.
+as world size 1. The VAE is frozen; the UNet is trained, and so is each text encoder that has a learning
+rate (train.text_encoder_lr, text_encoder_2_lr: one optimizer group each, under the same schedule).
 
 Randomness is keyed, not streamed: the noise, sigmas, caption dropout and VAE posterior sample of
 micro-step k on rank r come from a generator seeded by (seed, r, k), and the data order is a function of
@@ -100,8 +101,52 @@ def deepspeed_config(tc: dict, bf16: bool) -> dict:
     }
 
 
+TEXT_ENCODERS = {"text_encoder": "text_encoder_lr", "text_encoder_2": "text_encoder_2_lr"}
+
+
+class TrainedModules(torch.nn.Module):
+    """The UNet and the text encoders trained with it (train.text_encoder_lr / text_encoder_2_lr), as one
+    module for DeepSpeed; its forward is the UNet's. Checkpoint keys are then prefixed `unet.`,
+    `text_encoder.`, `text_encoder_2.` (without trained text encoders the engine wraps the bare UNet)."""
+
+    def __init__(self, unet, text_encoders: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.unet = unet
+        for name, module in text_encoders.items():
+            self.add_module(name, module)
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
+def trained_modules(c: Components, tc: dict) -> torch.nn.Module:
+    """What the optimizer trains: the UNet, or TrainedModules when a text encoder has a learning rate."""
+    encoders = {name: getattr(c, name) for name, key in TEXT_ENCODERS.items() if tc[key]}
+    return TrainedModules(c.unet, encoders) if encoders else c.unet
+
+
+def unet_of(module: torch.nn.Module):
+    return module.unet if isinstance(module, TrainedModules) else module
+
+
+def trained_parts(module: torch.nn.Module) -> list[str]:
+    """Names of the trained parts, in optimizer-group order: "unet", then trained text encoders."""
+    return ["unet"] + [name for name in TEXT_ENCODERS if hasattr(module, name)]
+
+
+def param_groups(module: torch.nn.Module, tc: dict) -> list[dict]:
+    """One optimizer group per trained part, each at its own peak learning rate."""
+    if not isinstance(module, TrainedModules):
+        return [{"params": list(module.parameters()), "lr": tc["lr"]}]
+    rates = {"unet": tc["lr"]} | {name: tc[key] for name, key in TEXT_ENCODERS.items()}
+    return [
+        {"params": list(getattr(module, name).parameters()), "lr": rates[name]}
+        for name in trained_parts(module)
+    ]
+
+
 def make_optimizer(params, tc: dict, device: torch.device):
-    """AdamW: DeepSpeed's FusedAdam on GPU, torch's AdamW on CPU."""
+    """AdamW: DeepSpeed's FusedAdam on GPU, torch's AdamW on CPU. `params`: parameters or groups."""
     kwargs = {"lr": tc["lr"], "betas": tuple(tc["adam_betas"]), "eps": tc["adam_eps"]}
     kwargs["weight_decay"] = tc["weight_decay"]
     if device.type == "cuda":
@@ -230,14 +275,14 @@ def configure_unet(unet, tc: dict) -> None:
         unet.set_attn_processor(AttnProcessor2_0())  # torch scaled_dot_product_attention (flash on GPU)
 
 
-def build_engine(deepspeed, unet, tc: dict, device: torch.device, bf16: bool):
-    """(engine, lr scheduler): the UNet in training mode wrapped by DeepSpeed with nyaflow's optimizer and
-    learning-rate schedule. `train` and `nyaflow bench train` both build it here."""
-    unet = unet.train()
-    optimizer = make_optimizer(unet.parameters(), tc, device)
+def build_engine(deepspeed, module, tc: dict, device: torch.device, bf16: bool):
+    """(engine, lr scheduler): the UNet (or TrainedModules) in training mode wrapped by DeepSpeed with
+    nyaflow's optimizer and learning-rate schedule. `train` and `nyaflow bench train` both build it here."""
+    module = module.train()
+    optimizer = make_optimizer(param_groups(module, tc), tc, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
     engine, _, _, _ = deepspeed.initialize(
-        model=unet, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, bf16)
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, bf16)
     )
     return engine, scheduler
 
@@ -254,20 +299,23 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     if tc["ema_decay"] > 0 and tc["zero_stage"] == 3:
         raise ValueError("train.ema_decay needs the full UNet on every rank: use train.zero_stage <= 2")
 
-    # Model: frozen VAE (fp32: the SDXL VAE overflows in half precision) and text encoders, trained UNet.
+    # Model: frozen VAE (fp32: the SDXL VAE overflows in half precision); trained UNet; text encoders
+    # frozen unless they have a learning rate (then DeepSpeed trains them with the UNet).
     torch.manual_seed(seed)
     c = load_components(base_dir)
-    for frozen in (c.vae, c.text_encoder, c.text_encoder_2):
-        frozen.requires_grad_(False).eval().to(device)
-    c.text_encoder.to(dtype)
-    c.text_encoder_2.to(dtype)
+    c.vae.requires_grad_(False).eval().to(device)
+    for name, key in TEXT_ENCODERS.items():
+        if not tc[key]:
+            getattr(c, name).requires_grad_(False).eval()
+        getattr(c, name).to(device, dtype)
     configure_unet(c.unet, tc)
-    engine, scheduler = build_engine(deepspeed, c.unet, tc, device, bf16)
+    engine, scheduler = build_engine(deepspeed, trained_modules(c, tc), tc, device, bf16)
+    unet = unet_of(engine.module)
     ema = None
     if tc["ema_decay"] > 0:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(engine.module.parameters(), decay=tc["ema_decay"], foreach=True)
+        ema = EMAModel(unet.parameters(), decay=tc["ema_decay"], foreach=True)
     objective = FlowObjective(c, tc, device, dtype)
 
     dataset = TrainingSet(data_dir)
@@ -277,7 +325,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     if client_state is not None:
         state = {k: client_state[k] for k in state}
         if ema is not None:
-            names = [name for name, _ in engine.module.named_parameters()]
+            names = [name for name, _ in unet.named_parameters()]
             for shadow, name in zip(ema.shadow_params, names, strict=True):
                 shadow.copy_(client_state["ema_unet"][name])
             ema.optimization_step = client_state["ema_optimization_step"]
@@ -324,7 +372,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         extra = {}
         if ema is not None and rank == 0:  # DeepSpeed stores the client state from rank 0
             extra = {
-                "ema_unet": ema_weights(ema, engine.module),
+                "ema_unet": ema_weights(ema, unet),
                 "ema_optimization_step": ema.optimization_step,
             }
         checkpoint.save(engine, ckpt_dir, state["step"], {**state, **extra}, tc["keep_checkpoints"])
@@ -373,7 +421,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         state["step"] += 1
         step = state["step"]
         if ema is not None:
-            ema.step(engine.module.parameters())
+            ema.step(unet.parameters())
         if step % tc["log_every"] == 0 or step == tc["steps"]:
             dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / (world_size * window_size)
@@ -381,11 +429,13 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
             rate = images / (now - t_log)
+            lrs = dict(zip(trained_parts(engine.module), scheduler.get_last_lr(), strict=True))
             log(
                 step,
                 {
                     "train/loss": mean_loss,
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": lrs.pop("unet"),
+                    **{f"train/lr_{name}": lr for name, lr in lrs.items()},
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "train/images_per_s": rate,
                     "train/images_seen": step * tc["micro_batch"] * tc["grad_accum"] * world_size,
@@ -399,7 +449,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         if step % tc["val_every"] == 0 or step == tc["steps"]:
             validate(step)
         if tc["sample_every"] and (step % tc["sample_every"] == 0 or step == tc["steps"]) and rank == 0:
-            write_training_samples(c, engine.module, config, out_dir / "samples", step, writer)
+            write_training_samples(c, unet, config, out_dir / "samples", step, writer)
         if step % tc["checkpoint_every"] == 0 or step == tc["steps"]:
             save()
 
