@@ -10,8 +10,10 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 demo: $(VENV)/.installed
 	snakemake --profile cluster/local
 
+# Two workers, one test file at a time each: the SLURM tests (mostly waiting on the test cluster) run
+# beside the others; tests/conftest.py starts the two longest files first, one per worker.
 test: $(VENV)/.installed-test
-	python -m pytest
+	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # CPU-side figures as one ratio table (training loop, sampler, data), under 5 minutes on 2 cores.
 bench: $(VENV)/.installed

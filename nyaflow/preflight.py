@@ -4,7 +4,7 @@ The preflight rule runs it through the same launch as training (nyaflow/launch.p
 `launch.backend: local`, or as one SLURM job of launch.nodes x tasks-per-node ranks with submitit. Every rank
 measures, in this order:
 
-1. device: with launch.gpus_per_node > 0, that it sees a GPU for its LOCAL_RANK;
+1. device: with launch.gpus_per_node > 0 (and preflight.check_gpus), that it sees a GPU for its LOCAL_RANK;
 2. matmul rate (TFLOP/s): a square matmul (8192, bf16 on GPU; 512, fp32 on CPU), the median of repeated
    timings (CUDA events on GPU); 2 n^3 FLOPs per product;
 3. all-reduce bus bandwidth (GB/s) across all ranks (NCCL on GPU, gloo on CPU), as nccl-tests defines it:
@@ -190,6 +190,7 @@ def judge(rows: list[dict], config: dict) -> list[str]:
     """The problems found in the gathered rows (empty: the allocation is healthy)."""
     pc = config["preflight"]
     gpus = config["launch"]["gpus_per_node"] if config["launch"]["backend"] == "slurm" else 0
+    gpus = gpus if pc["check_gpus"] else 0
     fraction = pc["min_fraction"]
     problems = [
         f"rank {r['rank']} on {r['host']}: no GPU for local rank {r['local_rank']} "

@@ -25,6 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The longest test files, started first (`make test` runs two workers, a file each at a time): the SLURM
+# tests wait on the test cluster most of their time, the demo DAG trains.
+FIRST = ("test_slurm.py", "test_workflow.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
 def rank_env(rank: int, world_size: int, port: int) -> dict:
     """The environment of one rank of a CPU process group over 127.0.0.1 (as torchrun would set it)."""
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}

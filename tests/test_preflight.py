@@ -65,8 +65,10 @@ def test_a_rank_without_its_gpu_is_named():
     assert judge(rows, config) == [
         "rank 1 on n1: no GPU for local rank 1 (1 visible, launch.gpus_per_node is 2)"
     ]
-    # A local run (world size 1 on this machine) does not ask for GPUs.
+    # A local run (world size 1 on this machine) does not ask for GPUs, nor a check_gpus: false one.
     assert judge(rows, make_config()) == []
+    unchecked = make_config(launch={"backend": "slurm", "gpus_per_node": 2}, preflight={"check_gpus": False})
+    assert judge(rows, unchecked) == []
 
 
 def test_ranks_without_samples_to_read_are_not_judged_on_reading():
@@ -97,8 +99,8 @@ def run_ranks(
 
 def test_two_ranks_measure_and_report(demo_data, tmp_path):
     _, data, manifest, _ = demo_data
-    # Lenient (0.3 of the median): a healthy pair of ranks must pass on a busy test machine too.
-    cfg = make_config(preflight={"read_samples": 20, "min_fraction": 0.3})
+    # Lenient (0.2 of the median): a healthy pair of ranks must pass on a busy test machine too.
+    cfg = make_config(preflight={"read_samples": 20, "min_fraction": 0.2})
     ranks = run_ranks(cfg, data, tmp_path, 2)
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stdout[-3000:] + ranks[1].stdout[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())

@@ -180,8 +180,9 @@ def dag(cluster, tmp_path_factory):
         "train": TRAIN,
         "sample": {"steps": 4, "seeds": [0, 1]},
         "launch": LAUNCH,
-        # Lenient: the 4 ranks share this machine's 2 cores with the cluster's daemons.
-        "preflight": {"min_fraction": 0.3},
+        # Lenient: the 4 ranks share this machine's 2 cores with the cluster's daemons. The nodes' GPUs are
+        # fake (scheduled, not there): the ranks run on the CPU.
+        "preflight": {"min_fraction": 0.2, "check_gpus": False},
     }
     (workdir / "config" / "slurm-test.yaml").write_text(yaml.safe_dump(overlay))
     profile = sized_down_profile(workdir)
