@@ -77,17 +77,9 @@ def cmd_gather_latents(cfg: dict, args) -> None:
 
 
 def cmd_train(cfg: dict, args) -> int:
-    from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
+    from nyaflow.launch import train_here
 
-    try:
-        train(cfg, args.base, args.data, args.out)
-    except Preempted as e:
-        print(f"nyaflow train: {e}; run again to continue (exit status {REQUEUE_EXIT_CODE})", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    except NonFiniteLoss as e:
-        print(f"nyaflow train: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return train_here(cfg, args.base, args.data, args.out)
 
 
 def cmd_launch_train(cfg: dict, args) -> int:

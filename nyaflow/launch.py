@@ -300,7 +300,7 @@ def launch_train(
 ) -> int:
     """Train as launch.backend says; returns the exit status for `nyaflow launch-train`."""
     if config["launch"]["backend"] == "local":
-        return _train_here(config, base, data, out, log)
+        return train_here(config, base, data, out, log)
     base, data, out = Path(base).resolve(), Path(data).resolve(), Path(out).resolve()
 
     def done(s: dict) -> str:
@@ -345,7 +345,9 @@ def _output_to(log: Path | None) -> None:
         os.close(fd)
 
 
-def _train_here(config: dict, base: Path, data: Path, out: Path, log: Path | None) -> int:
+def train_here(config: dict, base: Path, data: Path, out: Path, log: Path | None = None) -> int:
+    """`nyaflow.train.train` in this process (output to `log` when given); the exit status: 0, 75 stopped by
+    a signal after saving (run again to continue), 1 too many non-finite losses."""
     from nyaflow.train import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted, train
 
     _output_to(log)

@@ -18,39 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from nyaflow.bench import SDXL_UNET, SDXL_VAE
 from nyaflow.model import build_tiny_components, save_components
 from nyaflow.single_file import save_single_file, sgm_state_dict
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
-# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json and the two text encoders.
-SDXL_UNET = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-SDXL_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-}
+# The text towers of stabilityai/stable-diffusion-xl-base-1.0 (UNet and VAE: nyaflow.bench).
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 CLIP_BIG_G = {
     "hidden_size": 1280,
