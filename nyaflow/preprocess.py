@@ -44,7 +44,7 @@ from nyaflow.buckets import bucket_name, make_buckets, nearest_bucket, place
 from nyaflow.captions import build_captions
 from nyaflow.errors import UserError
 from nyaflow.prefilter import part_names, read_part
-from nyaflow.shards import ShardWriter, iter_samples
+from nyaflow.shards import ShardWriter, TarIndex
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATUSES = ("kept", "prefiltered", "failed_download", "filtered", "lost")
@@ -154,14 +154,18 @@ def process_download_shard(
     """Turn one downloaded tar into training shards `<bucket>-<tar stem>-NNNNN.tar` in `out`.
 
     `task` is (tar path, {row id: caption}). Returns (outcomes, shards): outcomes are
-    (id, status, reason, shard file name) for every sample of the tar.
+    (id, status, reason, shard file name) for every sample of the tar. Samples are taken in key order:
+    img2dataset's threads write a tar in the order downloads finish, which differs from run to run, and
+    the training shards (hence the training order) must not.
     """
     tar, captions = task
     Image.MAX_IMAGE_PIXELS = settings["max_pixels"]  # PIL's own bomb check, at our limit
     buckets = make_buckets(settings["resolution"], settings["bucket_step"], settings["max_aspect"])
     writers: dict[tuple[int, int], ShardWriter] = {}
     outcomes = []
-    for _, raw in iter_samples(tar):
+    index = TarIndex(tar)
+    for i in sorted(range(len(index)), key=index.keys.__getitem__):
+        raw = index[i]
         row_id = int(json.loads(raw["json"])["id"])
         image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
         try:
