@@ -99,8 +99,8 @@ def run_ranks(
 
 def test_two_ranks_measure_and_report(demo_data, tmp_path):
     _, data, manifest, _ = demo_data
-    # Lenient (0.2 of the median): a healthy pair of ranks must pass on a busy test machine too.
-    cfg = make_config(preflight={"read_samples": 20, "min_fraction": 0.2})
+    # Lenient (0.05 of the median): a healthy pair of ranks must pass on a busy test machine too.
+    cfg = make_config(preflight={"read_samples": 20, "min_fraction": 0.05})
     ranks = run_ranks(cfg, data, tmp_path, 2)
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stdout[-3000:] + ranks[1].stdout[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -119,7 +119,7 @@ def test_an_injected_slow_rank_fails_the_preflight_by_name(demo_data, tmp_path):
     import socket
 
     _, data, _, _ = demo_data
-    ranks = run_ranks(make_config(), data, tmp_path, 2, slow="1:10")
+    ranks = run_ranks(make_config(), data, tmp_path, 2, slow="1:100")
     assert ranks[0].returncode == 1, ranks[0].stdout[-3000:]
     host = socket.gethostname()
     assert f"preflight failed: rank 1 on {host}: matmul" in ranks[0].stdout

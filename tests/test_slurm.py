@@ -180,9 +180,10 @@ def dag(cluster, tmp_path_factory):
         "train": TRAIN,
         "sample": {"steps": 4, "seeds": [0, 1]},
         "launch": LAUNCH,
-        # Lenient: the 4 ranks share this machine's 2 cores with the cluster's daemons. The nodes' GPUs are
-        # fake (scheduled, not there): the ranks run on the CPU.
-        "preflight": {"min_fraction": 0.2, "check_gpus": False},
+        # Lenient: the 4 ranks share this machine's 2 cores with the cluster's daemons and the other test
+        # worker (a rank measured during a burst of its work read 5.7x slower than the others). The nodes'
+        # GPUs are fake (scheduled, not there): the ranks run on the CPU.
+        "preflight": {"min_fraction": 0.05, "check_gpus": False},
     }
     (workdir / "config" / "slurm-test.yaml").write_text(yaml.safe_dump(overlay))
     profile = sized_down_profile(workdir)
@@ -392,14 +393,14 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
 
 
 def test_preflight_names_the_node_of_a_slow_rank(dag, tmp_path):
-    """The preflight job of the DAG's shape (2 nodes x 2 ranks) with rank 3 made 10x slower by fault
+    """The preflight job of the DAG's shape (2 nodes x 2 ranks) with rank 3 made 100x slower by fault
     injection: the launcher fails, naming rank 3's node, which is one of the job's nodes and not rank 0's."""
     workdir = dag[0]
     results = workdir / "results" / "slurmtest"
     cmd = [str(BIN / "nyaflow"), "preflight", "--config", str(results / "config.yaml")]
     cmd += ["--data", str(results / "data"), "--out", str(tmp_path / "preflight")]
     cmd += ["--submitit-folder", str(tmp_path / "submitit"), "--log", str(tmp_path / "preflight.log")]
-    env = {**ENV, "NYAFLOW_PREFLIGHT_SLOW_RANK": "3:10"}
+    env = {**ENV, "NYAFLOW_PREFLIGHT_SLOW_RANK": "3:100"}
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     report = json.loads((tmp_path / "preflight" / "report.json").read_text())
