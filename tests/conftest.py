@@ -34,6 +34,16 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
 
 
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Put os.environ back after each test: code under test sets the rank variables for real (submitit's
+    export), and a leaked WORLD_SIZE would make a later in-process process group wait for absent ranks."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def rank_env(rank: int, world_size: int, port: int) -> dict:
     """The environment of one rank of a CPU process group over 127.0.0.1 (as torchrun would set it)."""
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
