@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nyaflow import config as nyaflow_config
 
@@ -44,10 +45,23 @@ def restore_environment():
     os.environ.update(saved)
 
 
-def rank_env(rank: int, world_size: int, port: int) -> dict:
-    """The environment of one rank of a CPU process group over 127.0.0.1 (as torchrun would set it)."""
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
-    return env | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+def start_ranks(args: list[str], cfg: dict, out: Path, world_size: int, env: dict | None = None) -> list:
+    """Start `nyaflow <args> --config out/config.yaml` as `world_size` ranks of a CPU process group over
+    127.0.0.1 (the variables torchrun would set, plus `env`); rank r writes to out/rank<r>.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "nyaflow.cli", *args, "--config", str(out / "config.yaml")]
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        rank_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)}
+        rank_env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        full_env = {k: v for k, v in os.environ.items() if k != "SLURMD_NODENAME"} | rank_env | (env or {})
+        log = open(out / f"rank{rank}.log", "a")  # noqa: SIM115 - closed when the process ends
+        procs.append(
+            subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+    return procs
 
 
 def make_config(**sections) -> dict:

@@ -4,11 +4,9 @@ test_slurm.py."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-from conftest import free_port, make_config, rank_env
+from conftest import make_config, start_ranks
 
 from nyaflow.preflight import judge
 
@@ -80,21 +78,13 @@ def test_ranks_without_samples_to_read_are_not_judged_on_reading():
 def run_ranks(
     cfg: dict, data: Path, out: Path, world_size: int, slow: str = ""
 ) -> list[subprocess.CompletedProcess]:
-    """`nyaflow preflight` as `world_size` ranks over gloo on 127.0.0.1 (launch.backend: local)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = rank_env(rank, world_size, port)
-        env |= {"NYAFLOW_PREFLIGHT_SLOW_RANK": slow} if slow else {}
-        env.pop("SLURMD_NODENAME", None)
-        cmd = [sys.executable, "-m", "nyaflow.cli", "preflight", "--config", str(out / "config.yaml")]
-        cmd += ["--data", str(data), "--out", str(out), "--submitit-folder", str(out / "submitit")]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), p.stdout.read()) for p in procs]
+    """`nyaflow preflight` as `world_size` ranks over gloo on 127.0.0.1 (launch.backend: local); returns
+    each rank's exit code and output."""
+    args = ["preflight", "--data", str(data), "--out", str(out), "--submitit-folder", str(out / "submitit")]
+    procs = start_ranks(args, cfg, out, world_size, {"NYAFLOW_PREFLIGHT_SLOW_RANK": slow} if slow else None)
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = [(out / f"rank{rank}.log").read_text() for rank in range(world_size)]
+    return [subprocess.CompletedProcess(p.args, c, log) for p, c, log in zip(procs, codes, logs, strict=True)]
 
 
 def test_two_ranks_measure_and_report(demo_data, tmp_path):

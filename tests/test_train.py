@@ -5,14 +5,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import free_port, make_config, rank_env
+from conftest import make_config, start_ranks
 
 from nyaflow import checkpoint, flow
 from nyaflow.train import REQUEUE_EXIT_CODE
@@ -31,19 +29,8 @@ SMALL_TRAIN = {
 
 def launch(cfg: dict, tiny_model: Path, data_dir: Path, out: Path, world_size: int) -> list[subprocess.Popen]:
     """Start `nyaflow train` as `world_size` ranks (one process each, gloo over 127.0.0.1)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = rank_env(rank, world_size, port)
-        cmd = [sys.executable, "-m", "nyaflow.cli", "train", "--config", str(out / "config.yaml")]
-        cmd += ["--base", str(tiny_model), "--data", str(data_dir), "--out", str(out)]
-        log = open(out / f"rank{rank}.log", "a")  # noqa: SIM115 - closed when the process ends
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
-    return procs
+    args = ["train", "--base", str(tiny_model), "--data", str(data_dir), "--out", str(out)]
+    return start_ranks(args, cfg, out, world_size)
 
 
 def wait(procs: list[subprocess.Popen], out: Path, timeout: float = 300) -> list[int]:
