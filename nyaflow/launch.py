@@ -306,9 +306,7 @@ def launch_train(
     def done(s: dict) -> str:
         return f"{s['steps']} steps, world size {s['world_size']}, checkpoint {s['checkpoint']}"
 
-    return _run_slurm(
-        config, "train", TrainTask(config, base, data, out), [base, data, out], folder, log, done
-    )
+    return _run_slurm(config, "train", TrainTask(config, base, data, out), folder, log, done)
 
 
 def launch_preflight(config: dict, data: Path, out: Path, folder: Path, log: Path | None = None) -> int:
@@ -329,7 +327,7 @@ def launch_preflight(config: dict, data: Path, out: Path, folder: Path, log: Pat
     def done(report: dict) -> str:
         return f"{report['world_size']} ranks on {', '.join(report['hosts'])}: healthy"
 
-    return _run_slurm(config, "preflight", PreflightTask(config, data, out), [data, out], folder, log, done)
+    return _run_slurm(config, "preflight", PreflightTask(config, data, out), folder, log, done)
 
 
 def _output_to(log: Path | None) -> None:
@@ -362,8 +360,9 @@ def train_here(config: dict, base: Path, data: Path, out: Path, log: Path | None
     return 0
 
 
-def _submission_key(config: dict, purpose: str, paths: list[Path]) -> str:
-    text = json.dumps([config, purpose, *map(str, paths)], sort_keys=True, default=str)
+def _submission_key(purpose: str, task) -> str:
+    """What identifies a submission: the purpose and the task's settings (its config and paths)."""
+    text = json.dumps([purpose, vars(task)], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -372,19 +371,17 @@ def _state(job) -> tuple[str, str]:
     return info.get("State") or "UNKNOWN", info.get("NodeList") or ""
 
 
-def _run_slurm(
-    config: dict, purpose: str, task, paths: list[Path], folder: Path, log: Path | None, done
-) -> int:
-    """Submit `task` as one job of the launch section's shape (or attach to the one submitted earlier for
-    the same settings and `paths`), wait for it, and report `done(rank 0's result)` when it completes."""
+def _run_slurm(config: dict, purpose: str, task, folder: Path, log: Path | None, done) -> int:
+    """Submit `task` (writing to task.out) as one job of the launch section's shape (or attach to the one
+    submitted earlier for the same task settings), wait for it, and report `done(rank 0's result)` when it
+    completes."""
     import submitit
 
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     lc = config["launch"]
     n_tasks = lc["nodes"] * tasks_per_node(lc)
-    key = _submission_key(config, purpose, paths)
-    out = paths[-1]
+    key = _submission_key(purpose, task)
     record = folder / JOB_RECORD
     reporter = _Reporter(log)
     job = None
@@ -401,8 +398,9 @@ def _run_slurm(
             if state.split()[0] in ACTIVE_STATES:
                 if old["key"] != key:
                     reporter.say(
-                        f"job {old['job_id']} of an earlier launch with other settings is still {state} and"
-                        f" writes to {out}: cancel it (scancel {old['job_id']}) or wait for it, then rerun"
+                        f"job {old['job_id']} of an earlier launch with other settings is still {state}"
+                        f" and writes to {task.out}: cancel it (scancel {old['job_id']}) or wait for it,"
+                        " then rerun"
                     )
                     return 1
                 reporter.say(f"attaching to job {old['job_id']} ({state}), submitted earlier for this run")
@@ -424,10 +422,9 @@ def _run_slurm(
     except _Interrupted as e:
         if job is not None:
             job.cancel(check=False)
-            reporter.say(
-                f"{e}: cancelled job {job.job_id}; its ranks save a checkpoint if SLURM's KillWait allows,"
-                " and the next run resumes from the last complete one"
-            )
+            resume = "; its ranks save a checkpoint if SLURM's KillWait allows, and the next run resumes from"
+            resume += " the last complete one"
+            reporter.say(f"{e}: cancelled job {job.job_id}" + (resume if purpose == "train" else ""))
         return 130
     finally:
         for s, handler in previous.items():
