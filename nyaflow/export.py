@@ -143,15 +143,27 @@ def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
         raise ExportError(f"{what} does not fit the base model's {part}: {'; '.join(problems)}")
 
 
+def holds_text_encoders(ckpt_dir: Path, tag: str) -> bool:
+    """Whether the checkpoint trained text encoders, from the names of its module's weights in the
+    memory-mapped model-states file (no weights are read; without names, assume it may have)."""
+    module = checkpoint_state(ckpt_dir, tag).get("module")
+    if not isinstance(module, dict):
+        return True
+    return any(key.partition(".")[0] in ("text_encoder", "text_encoder_2") for key in module)
+
+
 def trained_components(base_dir: Path, ckpt_dir: Path, tag: str, weights: str = "raw") -> Components:
     """The base model's components with the checkpoint's UNet (`weights`: raw or EMA) and its trained text
-    encoders, if any. The checkpoint is consolidated once."""
+    encoders, if any. The checkpoint is consolidated once, and not at all for EMA weights without trained
+    text encoders (for SDXL, consolidating reads every rank's optimizer states: tens of GB)."""
     if weights not in ("raw", "ema"):
         raise ExportError(f"export.weights must be raw or ema, not {weights!r}")
     if not (Path(base_dir) / "unet" / "config.json").is_file():
         raise ExportError(f"base model {base_dir} is not a diffusers SDXL folder (no unet/config.json)")
     what = f"checkpoint {Path(ckpt_dir) / tag}"
-    parts = split_trained(consolidated_state(ckpt_dir, tag))
+    parts = {}
+    if weights == "raw" or holds_text_encoders(ckpt_dir, tag):
+        parts = split_trained(consolidated_state(ckpt_dir, tag))
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(base_dir) / "unet"))
     state = parts["unet"] if weights == "raw" else ema_unet_state(ckpt_dir, tag)
     check_fits(unet, state, f"{what} ({weights} weights)")

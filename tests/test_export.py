@@ -61,10 +61,15 @@ def exported_unet(out):
     ).state_dict()
 
 
-def test_export_ema_weights_with_model_card(tiny_model, run, unet_state):
+def test_export_ema_weights_with_model_card(tiny_model, run, unet_state, monkeypatch):
     tmp_path, ckpt = run
     cfg = make_config(export={"dtype": "fp32", "weights": "ema"}, sample={"steps": 20, "guidance": 4.5})
     out = tmp_path / "export"
+
+    def not_needed(*args):
+        raise AssertionError("EMA weights without trained text encoders need no consolidation")
+
+    monkeypatch.setattr("nyaflow.export.consolidated_state", not_needed)
     facts = export(cfg, tiny_model, ckpt, tmp_path / "train" / "summary.json", out)
     ema = shifted(unet_state, 0.03)
     got = exported_unet(out)
@@ -114,6 +119,31 @@ def test_export_raw_weights_of_a_chosen_step(tiny_model, run, unet_state):
     assert all(torch.equal(got[k], raw[k]) for k in raw)
     assert facts["steps"] == 4 and facts["val_loss_last"] == [0, 1.0]
     assert "`step00000004`, raw weights" in (tmp_path / "export" / "diffusers" / "README.md").read_text()
+
+
+def test_export_ema_unet_with_a_trained_text_encoder(tiny_model, tmp_path, unet_state):
+    """A TrainedModules checkpoint (keys unet.*, text_encoder.*): EMA UNet, raw trained text encoder 1,
+    text encoder 2 from the base model."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    encoder = CLIPTextModel.from_pretrained(tiny_model / "text_encoder", local_files_only=True).state_dict()
+    trained_encoder = shifted(encoder, 0.05)
+    module = {f"unet.{k}": v for k, v in shifted(unet_state, 0.02).items()}
+    module |= {f"text_encoder.{k}": v for k, v in trained_encoder.items()}
+    ckpt = tmp_path / "train" / "checkpoints"
+    write_checkpoint(ckpt, "step00000008", module, 8, ema=shifted(unet_state, 0.03))
+    (tmp_path / "train" / "summary.json").write_text(json.dumps({"steps": 8, "global_batch": 6}))
+    cfg = make_config(export={"dtype": "fp32", "weights": "ema"})
+    export(cfg, tiny_model, ckpt, tmp_path / "train" / "summary.json", tmp_path / "export")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "export" / "diffusers", local_files_only=True)
+    ema, got = shifted(unet_state, 0.03), pipe.unet.state_dict()
+    assert got.keys() == ema.keys() and all(torch.equal(got[k], ema[k]) for k in ema)
+    got = pipe.text_encoder.state_dict()
+    assert all(torch.equal(got[k], trained_encoder[k]) for k in trained_encoder)
+    base = CLIPTextModelWithProjection.from_pretrained(tiny_model / "text_encoder_2", local_files_only=True)
+    base = base.state_dict()
+    got = pipe.text_encoder_2.state_dict()
+    assert all(torch.equal(got[k], base[k]) for k in base)
 
 
 def test_missing_or_wrong_checkpoints_get_clear_messages(tiny_model, run, unet_state):
