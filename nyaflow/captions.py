@@ -11,7 +11,9 @@ the plain caption column, which passes through unchanged.
 Training time (`train_caption`, called by the trainer): the caption's comma-separated tags are shuffled
 keeping the first `keep_first_n` fixed, and tags after those are dropped with probability `tag_dropout`;
 the result depends only on (seed, epoch, sample index), so a resumed run sees the same captions.
-Whole-caption dropout for classifier-free guidance is the trainer's (`train.caption_dropout`).
+Whole-caption dropout for classifier-free guidance (`caption_dropped`, rate `train.caption_dropout`) is
+keyed the same way; a dropped caption is the empty prompt, which the text encoding turns into zeros.
+Both run on the CPU, in the training loop: nothing here waits for the GPU.
 """
 
 from __future__ import annotations
@@ -155,3 +157,11 @@ def train_caption(caption: str, settings: dict, seed: int, epoch: int, index: in
     return process_caption(
         caption, rng, settings["keep_first_n"], settings["shuffle"], settings["tag_dropout"]
     )
+
+
+def caption_dropped(seed: int, epoch: int, index: int, rate: float) -> bool:
+    """Whether sample `index` trains with the empty prompt in `epoch` (probability `rate`), keyed by
+    (seed, epoch, index) like `train_caption`, from a stream of its own."""
+    if rate <= 0:
+        return False
+    return bool(np.random.default_rng([seed, epoch, index, 0x64726F70]).random() < rate)

@@ -36,9 +36,14 @@ def latest_tag(folder: Path) -> str | None:
     return tag
 
 
-def save(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
-    """Save collectively (call on every rank); returns the tag. Keeps the newest `keep` checkpoints."""
+def save(engine, folder: Path, step: int, client_state: dict, keep: int, data_order: dict) -> str:
+    """Save collectively (call on every rank); returns the tag. Keeps the newest `keep` checkpoints.
+    `data_order`: the settings the data position depends on (see `load`), stored in the info file."""
     folder, tag = Path(folder), tag_for(step)
+    if latest_tag(folder) == tag:
+        # A stop right after resuming: `latest` already holds this very state. Writing it again would
+        # first delete the one complete checkpoint. (Every rank reads the same shared folder here.)
+        return tag
     rank = dist.get_rank()
     if rank == 0:  # leftovers of a save that was killed
         for stale in folder.glob("step*.partial"):
@@ -47,7 +52,7 @@ def save(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
     engine.save_checkpoint(str(folder), tag=f"{tag}.partial", client_state=client_state, save_latest=False)
     dist.barrier()
     if rank == 0:
-        info = {"step": step, "world_size": dist.get_world_size()}
+        info = {"step": step, "world_size": dist.get_world_size(), "data_order": data_order}
         (folder / f"{tag}.partial" / INFO).write_text(json.dumps(info))
         shutil.rmtree(folder / tag, ignore_errors=True)
         os.replace(folder / f"{tag}.partial", folder / tag)
@@ -61,19 +66,30 @@ def save(engine, folder: Path, step: int, client_state: dict, keep: int) -> str:
     return tag
 
 
-def load(engine, folder: Path) -> dict | None:
+def load(engine, folder: Path, data_order: dict) -> dict | None:
     """Load the `latest` checkpoint into the engine (every rank); returns its client state, or None.
 
-    A checkpoint written by another number of ranks is refused: ZeRO partitions and the data order depend
-    on the world size."""
+    A checkpoint written by another number of ranks is refused (ZeRO partitions and the data order depend
+    on the world size), and so is one whose `data_order` settings differ (the seed, micro batch, held-out
+    size and number of samples fix which batches come next): resuming would silently see other data.
+    Other settings (train.steps, the learning rate, ...) may change between runs."""
     tag = latest_tag(folder)
     if tag is None:
         return None
-    saved = json.loads((Path(folder) / tag / INFO).read_text())["world_size"]
+    info = json.loads((Path(folder) / tag / INFO).read_text())
+    saved = info["world_size"]
     if saved != dist.get_world_size():
         raise UserError(
             f"{Path(folder) / tag} was written by {saved} ranks and this run has {dist.get_world_size()}:"
             " resume with the same number of ranks, or start a new run folder"
+        )
+    saved_order = info.get("data_order", data_order)
+    changed = [f"{k} {saved_order.get(k)} -> {v}" for k, v in data_order.items() if saved_order.get(k) != v]
+    if changed:
+        raise UserError(
+            f"{Path(folder) / tag} was trained with other data-order settings ({', '.join(changed)}): the"
+            " resumed run would not see the batches that come next. Restore them, or start a new run"
+            " (another `run` name, or delete the checkpoints folder)"
         )
     path, client_state = engine.load_checkpoint(str(folder), tag=tag)
     if path is None:

@@ -56,7 +56,25 @@ def validate(config: dict) -> dict:
             for e in errors
         ]
         raise ConfigError("invalid nyaflow config:\n  " + "\n  ".join(lines))
+    lines = combination_problems(config)
+    if lines:
+        raise ConfigError("invalid nyaflow config:\n  " + "\n  ".join(lines))
     return config
+
+
+def combination_problems(config: dict) -> list[str]:
+    """Settings that are valid one by one but not together (the schema checks each key alone)."""
+    tc = config["train"]
+    problems = []
+    if tc["zero_stage"] == 3:
+        # ZeRO-3 partitions the UNet's weights across ranks: nothing outside the engine sees them whole.
+        for key, why in (
+            ("ema_decay", "the EMA averages the whole UNet on every rank"),
+            ("sample_every", "rank 0 alone would run the UNet while the others wait in no collective"),
+        ):
+            if tc[key]:
+                problems.append(f"config keys 'train.zero_stage' 3 and 'train.{key}' {tc[key]}: {why}")
+    return problems
 
 
 def load(path: str | Path) -> dict:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nyaflow.loader import TrainingSet
 from nyaflow.model import load_components
-from nyaflow.shards import ShardWriter, TarIndex
+from nyaflow.shards import ShardWriter, TarIndex, rename_shard
 
 LATENT_EXT = "latent.npy"
 
@@ -66,7 +66,7 @@ def cache_part(base_dir: Path, data_dir: Path, out: Path, part: int, parts: int,
             for key, raw, p in zip(shard.keys[start : start + len(raws)], raws, params, strict=True):
                 writer.write(key, {LATENT_EXT: encode_to_npy(p), "txt": raw["txt"], "json": raw["json"]})
         writer.close()
-        (target.parent / writer.shards[0]["path"]).rename(target)
+        rename_shard(target.parent / writer.shards[0]["path"], target)
         done += entry["count"]
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

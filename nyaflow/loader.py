@@ -36,7 +36,6 @@ class TrainingSet(torch.utils.data.Dataset):
         manifest = json.loads((data_dir / "manifest.json").read_text())
         root = data_dir / manifest.get("shards_dir", "shards")
         self.shards = []
-        buckets = []
         for entry in manifest["shards"]:
             index = TarIndex(root / entry["path"])
             if len(index) != entry["count"]:
@@ -45,9 +44,14 @@ class TrainingSet(torch.utils.data.Dataset):
                     " the shard is truncated or was changed; rerun the stage that wrote it"
                 )
             self.shards.append(index)
-            buckets += [tuple(entry["bucket"])] * len(index)
-        self.locations = [(s, i) for s, index in enumerate(self.shards) for i in range(len(index))]
-        self.bucket_ids = np.unique(np.array(buckets), axis=0, return_inverse=True)[1].reshape(-1)
+        counts = np.array([len(index) for index in self.shards], dtype=np.int64)
+        # Sample i is sample locations[i, 1] of shard locations[i, 0] (arrays: millions of samples).
+        shard_of = np.repeat(np.arange(len(counts)), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        self.locations = np.stack([shard_of, np.arange(len(shard_of)) - first], axis=1)
+        shard_buckets = np.array([entry["bucket"] for entry in manifest["shards"]]).reshape(-1, 2)
+        bucket_of_shard = np.unique(shard_buckets, axis=0, return_inverse=True)[1].reshape(-1)
+        self.bucket_ids = bucket_of_shard[shard_of]
 
     def __len__(self) -> int:
         return len(self.locations)
@@ -60,7 +64,7 @@ class TrainingSet(torch.utils.data.Dataset):
         return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
 
     def __getitem__(self, i: int) -> dict:
-        shard, local = self.locations[i]
+        shard, local = self.locations[i].tolist()
         raw = self.shards[shard][local]
         meta = json.loads(raw["json"])
         item = {

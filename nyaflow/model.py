@@ -59,9 +59,11 @@ def load_components(path: str | Path, unet: UNet2DConditionModel | None = None) 
     )
 
 
-@torch.no_grad()
 def encode_prompts(c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (prompt_embeds [B, 77, D1+D2], pooled [B, P]) for `prompts`; empty prompts give zeros."""
+    """Return (prompt_embeds [B, 77, D1+D2], pooled [B, P]) for `prompts`; empty prompts give zeros.
+
+    Differentiable: a text encoder that is trained (requires_grad) gets its gradient through the loss;
+    frozen encoders record no graph. Inference callers run it under torch.no_grad()."""
     device = c.text_encoder.device
     hidden = []
     pooled = None

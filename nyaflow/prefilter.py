@@ -361,6 +361,8 @@ def prefilter_table(table: pa.Table, config: dict) -> tuple[pa.Table, pa.Table, 
                 reasons.drop(
                     known & (np.minimum(w, h) < pf["min_side"]), f"shorter side below {pf['min_side']} px"
                 )
+            if pf["min_pixels"] > 0:
+                reasons.drop(known & (w * h < pf["min_pixels"]), f"fewer than {pf['min_pixels']} pixels")
             aspect = w / h
             lo, hi = pf["min_aspect"], pf["max_aspect"]
             if lo is not None:

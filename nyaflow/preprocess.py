@@ -51,7 +51,7 @@ STATUSES = ("kept", "prefiltered", "failed_download", "filtered", "lost")
 ROW_COLUMNS = ["row", "id", "url", "status", "reason", "shard"]
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
-FILTERS = {  # downscaling; upscaling (data.preprocess.upscale) is always Lanczos
+FILTERS = {  # downscaling; upscaling (up to data.preprocess.max_upscale) is always Lanczos
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
     "area": Image.Resampling.BOX,  # pixel-area averaging, like OpenCV's INTER_AREA
@@ -117,10 +117,23 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def download_scale(meta: dict) -> float:
+    """How much img2dataset shrank the image (original width / stored width; 1 when it stored the
+    original bytes), from the metadata it writes beside each sample."""
+    width, original = meta.get("width"), meta.get("original_width")
+    if isinstance(width, int) and isinstance(original, int) and width > 0 and original > 0:
+        return original / width
+    return 1.0
+
+
 def make_sample(
-    data: bytes, caption: str, settings: dict, buckets
+    data: bytes, caption: str, settings: dict, buckets, source_scale: float = 1.0
 ) -> tuple[tuple[int, int], dict[str, bytes]]:
-    """Turn downloaded bytes into a training sample; returns (bucket, {ext: bytes}) or raises Rejected."""
+    """Turn downloaded bytes into a training sample; returns (bucket, {ext: bytes}) or raises Rejected.
+
+    SDXL's `original_size` is the size of the image before any resizing: the decoded size times
+    `source_scale` (`download_scale`: img2dataset may have shrunk it while downloading). The crop is in the
+    resized image, the target is the bucket (pixels, (h, w))."""
     img, (h, w), orientation = open_image(data, settings["max_pixels"])
     if min(h, w) < settings["min_side"]:
         raise Rejected(f"shorter side below {settings['min_side']} px")
@@ -128,8 +141,11 @@ def make_sample(
         raise Rejected(f"aspect ratio beyond {settings['max_aspect']}")
     bucket = nearest_bucket(h, w, buckets)
     placement = place(h, w, bucket)
-    if placement.scale > 1 and not settings["upscale"]:
-        raise Rejected("smaller than its bucket (upscaling disabled)")
+    if placement.scale > settings["max_upscale"]:
+        raise Rejected(
+            f"smaller than its bucket (needs {placement.scale:.2f}x, data.preprocess.max_upscale is"
+            f" {settings['max_upscale']:g})"
+        )
     (rh, rw), (top, left), (bh, bw) = placement.resized, placement.crop_top_left, placement.target
     try:
         if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale where that still covers the resized size
@@ -142,7 +158,8 @@ def make_sample(
         img = img.crop((left, top, left + bw, top + bh))
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data shows up while decoding
         raise Rejected(f"undecodable image: {type(e).__name__}") from e
-    meta = {"original_size": [h, w], "crop_top_left": [top, left], "target_size": [bh, bw]}
+    original = [round(h * source_scale), round(w * source_scale)]
+    meta = {"original_size": original, "crop_top_left": [top, left], "target_size": [bh, bw]}
     fmt = settings["image_format"]
     sample = {fmt: encode(img, fmt), "txt": caption.encode(), "json": json.dumps(meta).encode()}
     return bucket, sample
@@ -166,12 +183,14 @@ def process_download_shard(
     index = TarIndex(tar)
     for i in sorted(range(len(index)), key=index.keys.__getitem__):
         raw = index[i]
-        row_id = int(json.loads(raw["json"])["id"])
+        downloaded = json.loads(raw["json"])
+        row_id = int(downloaded["id"])
         image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
         try:
             if image is None:
                 raise Rejected("no image in downloaded sample")
-            bucket, sample = make_sample(image, captions.get(row_id, ""), settings, buckets)
+            scale = download_scale(downloaded)
+            bucket, sample = make_sample(image, captions.get(row_id, ""), settings, buckets, scale)
         except Rejected as e:
             outcomes.append((row_id, "filtered", str(e), ""))
             continue

@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -33,11 +36,32 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, sample
 
 
+INDEX_SUFFIX = ".idx.npz"  # the sidecar index of `<shard>.tar`: `<shard>.tar.idx.npz`
+MAX_OPEN_SHARDS = 64  # shard files kept open per process (a site's open-file limit is often 1024)
+
+
 class TarIndex:
-    """Random access to the samples of one tar shard: members' data offsets are read once from the headers."""
+    """Random access to the samples of one tar shard by the data offsets of their members.
+
+    The offsets come from the shard's sidecar index (`<shard>.tar.idx.npz`, written by ShardWriter) when it
+    matches the shard's size, else from reading every tar header once. They are kept as numpy arrays (a few
+    bytes per member, not Python objects per sample: a rank indexes millions of samples, and its loader
+    workers share the arrays). Samples are read through a per-process cache of the newest MAX_OPEN_SHARDS
+    open files, so that a rank reading thousands of shards in random order stays within open-file limits.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        sidecar = self.path.with_name(self.path.name + INDEX_SUFFIX)
+        size = self.path.stat().st_size if self.path.exists() else -1
+        if sidecar.is_file():
+            with np.load(sidecar, allow_pickle=False) as index:
+                if int(index["tar_size"]) == size:
+                    self.keys, self.exts, self.spans = index["keys"], index["exts"].tolist(), index["spans"]
+                    return
+        self.keys, self.exts, self.spans = self._read_headers()
+
+    def _read_headers(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         members: dict[str, dict[str, tuple[int, int]]] = {}
         try:
             with tarfile.open(self.path, "r:") as tar:
@@ -45,27 +69,60 @@ class TarIndex:
                     if m.isfile():
                         key, ext = split_name(m.name)
                         members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-        except tarfile.TarError as e:
+        except (tarfile.TarError, OSError) as e:
             raise ValueError(f"shard {self.path} is truncated or not a tar file ({e})") from e
-        self.keys = list(members)
-        self._members = members
-        self._file = None
-        self._pid = None
+        exts = sorted({ext for sample in members.values() for ext in sample})
+        spans = np.full((len(members), len(exts), 2), -1, dtype=np.int64)  # (offset, size); -1: absent
+        for i, sample in enumerate(members.values()):
+            for ext, span in sample.items():
+                spans[i, exts.index(ext)] = span
+        return np.array(list(members), dtype=str), exts, spans
+
+    def save(self) -> None:
+        """Write the sidecar index next to the shard (under a temporary name, then renamed)."""
+        sidecar = self.path.with_name(self.path.name + INDEX_SUFFIX)
+        tmp = sidecar.with_name(sidecar.name + ".tmp.npz")
+        size = np.int64(self.path.stat().st_size)
+        np.savez(tmp, keys=self.keys, exts=np.array(self.exts, dtype=str), spans=self.spans, tar_size=size)
+        os.replace(tmp, sidecar)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, i: int) -> dict[str, bytes]:
-        if self._pid != os.getpid():  # a fresh handle in every data-loader worker
-            self._file, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115 - kept open for reuse
+        f = _open_shard(self.path)
         out = {}
-        for ext, (offset, size) in self._members[self.keys[i]].items():
-            self._file.seek(offset)
-            out[ext] = self._file.read(size)
+        for ext, (offset, size) in zip(self.exts, self.spans[i].tolist(), strict=True):
+            if offset >= 0:
+                f.seek(offset)
+                out[ext] = f.read(size)
         return out
 
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
+
+def rename_shard(source: Path, target: Path) -> None:
+    """Rename a shard together with its sidecar index."""
+    for suffix in (INDEX_SUFFIX, ""):  # the index first: a shard without one is merely read slower
+        os.replace(f"{source}{suffix}", f"{target}{suffix}")
+
+
+_open_files: OrderedDict[Path, io.BufferedReader] = OrderedDict()
+_open_files_pid: int | None = None
+
+
+def _open_shard(path: Path) -> io.BufferedReader:
+    """The open file of `path` in this process (a data-loader worker opens its own), least recently used
+    files closed beyond MAX_OPEN_SHARDS."""
+    global _open_files_pid
+    if _open_files_pid != os.getpid():  # a forked worker: the parent's file positions are not ours
+        _open_files.clear()
+        _open_files_pid = os.getpid()
+    f = _open_files.get(path)
+    if f is None:
+        f = _open_files[path] = open(path, "rb")  # noqa: SIM115 - closed when evicted
+        while len(_open_files) > MAX_OPEN_SHARDS:
+            _open_files.popitem(last=False)[1].close()
+    _open_files.move_to_end(path)
+    return f
 
 
 class ShardWriter:
@@ -90,9 +147,11 @@ class ShardWriter:
         self.shards[-1]["count"] += 1
 
     def close(self) -> None:
+        """Finish the current shard and write its sidecar index (nyaflow.shards.TarIndex)."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            TarIndex(self.folder / self.shards[-1]["path"]).save()
 
 
 def check_tar(path: Path) -> list[str]:

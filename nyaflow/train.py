@@ -5,10 +5,11 @@ variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single pro
 as world size 1. The VAE is frozen; the UNet is trained, and so is each text encoder that has a learning
 rate (train.text_encoder_lr, text_encoder_2_lr: one optimizer group each, under the same schedule).
 
-Randomness is keyed, not streamed: the noise, sigmas, caption dropout and VAE posterior sample of
-micro-step k on rank r come from a generator seeded by (seed, r, k), and the data order is a function of
-k (nyaflow.loader). A run restarted from a checkpoint therefore continues exactly as if uninterrupted:
-same weights, optimizer state and validation losses, bit for bit. The logged training loss is the mean over
+Randomness is keyed, not streamed: the noise, sigmas and VAE posterior sample of micro-step k on rank r
+come from a generator seeded by (seed, r, k), caption dropout and tag processing are keyed by (seed, epoch,
+sample) (nyaflow.captions), and the data order is a function of k (nyaflow.loader). A run restarted from a
+checkpoint therefore continues exactly as if uninterrupted: same weights, optimizer state and validation
+losses, bit for bit. The logged training loss is the mean over
 the micro-steps since the previous log line; its history is identical too when train.checkpoint_every is a
 multiple of train.log_every (after a stop by signal, the one window around the stop averages the steps
 run since the resume).
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from nyaflow import checkpoint, flow
-from nyaflow.captions import train_caption
+from nyaflow.captions import caption_dropped, train_caption
 from nyaflow.loader import TrainingSet, collate, micro_batches, split_validation
 from nyaflow.model import Components, encode_prompts, load_components
 
@@ -145,15 +146,13 @@ def param_groups(module: torch.nn.Module, tc: dict) -> list[dict]:
     ]
 
 
-def make_optimizer(params, tc: dict, device: torch.device):
-    """AdamW: DeepSpeed's FusedAdam on GPU, torch's AdamW on CPU. `params`: parameters or groups."""
+def make_optimizer(params, tc: dict):
+    """torch's AdamW with its fused kernel (one kernel for the whole update; under ZeRO the optimizer sees
+    each group's flat fp32 partition). DeepSpeed's FusedAdam would be JIT-compiled by every rank on first
+    use: nvcc on the compute nodes, and a lock in ~/.cache/torch_extensions that a build killed by a requeue
+    leaves behind. `params`: parameters or groups."""
     kwargs = {"lr": tc["lr"], "betas": tuple(tc["adam_betas"]), "eps": tc["adam_eps"]}
-    kwargs["weight_decay"] = tc["weight_decay"]
-    if device.type == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(params, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, weight_decay=tc["weight_decay"], fused=True, **kwargs)
 
 
 def lr_factor(step: int, tc: dict) -> float:
@@ -202,21 +201,21 @@ class FlowObjective:
         """x0: a posterior sample (its mean when `generator` is None) times the VAE scaling factor, from the
         cached posterior parameters or by encoding the pixels."""
         if "latents" in batch:
-            dist_ = DiagonalGaussianDistribution(batch["latents"].to(self.device, torch.float32))
+            latents = batch["latents"].to(self.device, non_blocking=True).float()
+            dist_ = DiagonalGaussianDistribution(latents)
         else:
-            dist_ = self.c.vae.encode(batch["pixels"].to(self.device, self.c.vae.dtype)).latent_dist
+            pixels = batch["pixels"].to(self.device, non_blocking=True).to(self.c.vae.dtype)
+            dist_ = self.c.vae.encode(pixels).latent_dist
         z = dist_.sample(generator) if generator is not None else dist_.mean
         return z.float() * self.scale
 
     def loss(self, unet, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        tc = self.tc
+        """The loss of a batch whose captions are final (caption dropout applied: "" = the empty prompt).
+        Host-to-device copies do not wait: the loader pins its batches on GPU machines."""
+        embeds, pooled = encode_prompts(self.c, batch["caption"])
         x0 = self.latents(batch, generator)
-        n = x0.shape[0]
-        keep = torch.rand(n, generator=generator, device=generator.device) >= tc["caption_dropout"]
-        prompts = [c if k else "" for c, k in zip(batch["caption"], keep.tolist(), strict=True)]
-        embeds, pooled = encode_prompts(self.c, prompts)
-        time_ids = batch["time_ids"].to(self.device)
-        return latent_loss(unet, x0, embeds, pooled, time_ids, tc, generator, self.dtype)
+        time_ids = batch["time_ids"].to(self.device, non_blocking=True)
+        return latent_loss(unet, x0, embeds, pooled, time_ids, self.tc, generator, self.dtype)
 
     @torch.no_grad()
     def validation_loss(self, unet, dataset, indices, seed: int) -> float:
@@ -279,7 +278,7 @@ def build_engine(deepspeed, module, tc: dict, device: torch.device, bf16: bool):
     """(engine, lr scheduler): the UNet (or TrainedModules) in training mode wrapped by DeepSpeed with
     nyaflow's optimizer and learning-rate schedule. `train` and `nyaflow bench train` both build it here."""
     module = module.train()
-    optimizer = make_optimizer(param_groups(module, tc), tc, device)
+    optimizer = make_optimizer(param_groups(module, tc), tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(tc, bf16)
@@ -296,8 +295,6 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     dtype = torch.bfloat16 if bf16 else torch.float32
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    if tc["ema_decay"] > 0 and tc["zero_stage"] == 3:
-        raise ValueError("train.ema_decay needs the full UNet on every rank: use train.zero_stage <= 2")
 
     # Model: frozen VAE (fp32: the SDXL VAE overflows in half precision); trained UNet; text encoders
     # frozen unless they have a learning rate (then DeepSpeed trains them with the UNet).
@@ -309,19 +306,18 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             getattr(c, name).requires_grad_(False).eval()
         getattr(c, name).to(device, dtype)
     configure_unet(c.unet, tc)
+    ema = make_ema(c.unet, tc["ema_decay"], device)  # from the fp32 weights, before DeepSpeed casts them
     engine, scheduler = build_engine(deepspeed, trained_modules(c, tc), tc, device, bf16)
     unet = unet_of(engine.module)
-    ema = None
-    if tc["ema_decay"] > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unet.parameters(), decay=tc["ema_decay"], foreach=True)
     objective = FlowObjective(c, tc, device, dtype)
 
     dataset = TrainingSet(data_dir)
     train_idx, val_idx = split_validation(len(dataset), tc["val_size"], seed)
     state = {"step": 0, "micro_step": 0, "world_size": world_size, "loss": [], "val_loss": [], "nonfinite": 0}
-    client_state = checkpoint.load(engine, ckpt_dir)
+    # What the data position (micro-step -> batches) depends on, besides the world size.
+    data_order = {"seed": seed, "train.micro_batch": tc["micro_batch"], "train.val_size": tc["val_size"]}
+    data_order["samples"] = len(dataset)
+    client_state = checkpoint.load(engine, ckpt_dir, data_order)
     if client_state is not None:
         state = {k: client_state[k] for k in state}
         if ema is not None:
@@ -375,7 +371,9 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
                 "ema_unet": ema_weights(ema, unet),
                 "ema_optimization_step": ema.optimization_step,
             }
-        checkpoint.save(engine, ckpt_dir, state["step"], {**state, **extra}, tc["keep_checkpoints"])
+        checkpoint.save(
+            engine, ckpt_dir, state["step"], {**state, **extra}, tc["keep_checkpoints"], data_order
+        )
 
     if state["step"] == 0:
         validate(0)
@@ -389,8 +387,10 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     t_start = t_log = time.perf_counter()
     while state["step"] < tc["steps"]:
         epoch, batch = next(batches)
-        batch["caption"] = [  # tag shuffle and dropout (data.captions), keyed by (seed, epoch, sample)
-            train_caption(text, config["data"]["captions"], seed, epoch, int(i))
+        batch["caption"] = [  # caption dropout, tag shuffle and dropout, keyed by (seed, epoch, sample)
+            ""
+            if caption_dropped(seed, epoch, int(i), tc["caption_dropout"])
+            else train_caption(text, config["data"]["captions"], seed, epoch, int(i))
             for text, i in zip(batch["caption"], batch["index"], strict=True)
         ]
         loss = objective.loss(engine, batch, keyed_generator(device, seed, rank, state["micro_step"]))
@@ -476,6 +476,23 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         tmp.replace(out_dir / "summary.json")
     dist.barrier()
     return summary
+
+
+def make_ema(unet, decay: float, device: torch.device):
+    """diffusers' EMAModel of the UNet's weights with an fp32 shadow on `device` (None when decay is 0).
+
+    The shadow must be fp32 whatever the training precision: an update moves it by (1 - decay) times its
+    distance to the weights, 1e-4 of it at decay 0.9999, far below bf16's resolution (2^-8 relative), so
+    a bf16 shadow would never leave the base weights. It averages the working weights (bf16 on GPU).
+    foreach=False updates one tensor at a time: the foreach path allocates a temporary the size of the
+    whole shadow (10 GB for SDXL) every step."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel([p.detach().float() for p in unet.parameters()], decay=decay, foreach=False)
+    ema.to(device=device)
+    return ema
 
 
 def ema_weights(ema, module) -> dict[str, torch.Tensor]:

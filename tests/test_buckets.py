@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from nyaflow.buckets import make_buckets, nearest_bucket, place
-from nyaflow.preprocess import Rejected, make_sample
+from nyaflow.preprocess import Rejected, download_scale, make_sample
 
 SETTINGS = {
     "resolution": 64,
     "bucket_step": 16,
     "max_aspect": 2.0,
     "min_side": 48,
-    "upscale": False,
+    "max_upscale": 1.0,
     "max_pixels": 10_000,
     "image_format": "png",
     "downscale_filter": "lanczos",
@@ -81,10 +81,30 @@ def test_unusable_images_are_rejected_with_a_reason(data, reason):
         make_sample(data, "x", SETTINGS, make_buckets(64, 16, 2.0))
 
 
-def test_small_images_are_not_upscaled_unless_asked():
+def test_small_images_are_upscaled_only_up_to_max_upscale():
     buckets = make_buckets(96, 16, 2.0)
-    with pytest.raises(Rejected, match="smaller than its bucket"):
+    with pytest.raises(
+        Rejected, match=r"smaller than its bucket \(needs 1.50x, data.preprocess.max_upscale is 1\)"
+    ):
         make_sample(_png(64, 64), "x", SETTINGS, buckets)
-    bucket, sample = make_sample(_png(64, 64), "x", {**SETTINGS, "upscale": True}, buckets)
+    with pytest.raises(Rejected, match="needs 1.50x"):
+        make_sample(_png(64, 64), "x", {**SETTINGS, "max_upscale": 1.4}, buckets)
+    bucket, sample = make_sample(_png(64, 64), "x", {**SETTINGS, "max_upscale": 1.5}, buckets)
     assert bucket == (96, 96)
     assert json.loads(sample["json"])["original_size"] == [64, 64]
+    assert Image.open(io.BytesIO(sample["png"])).size == (96, 96)
+
+
+def test_original_size_is_the_size_before_img2dataset_shrank_it():
+    # img2dataset stored a 1536 x 1024 copy of a 3072 x 2048 original: SDXL is told the original size.
+    assert (
+        download_scale({"width": 1536, "height": 1024, "original_width": 3072, "original_height": 2048}) == 2
+    )
+    assert download_scale({"width": None, "original_width": 3072}) == 1.0  # stored as downloaded
+    assert download_scale({"width": None, "original_width": None}) == 1.0  # resize_mode: no
+    _, sample = make_sample(_png(120, 64), "x", SETTINGS, make_buckets(64, 16, 2.0), source_scale=2.0)
+    assert json.loads(sample["json"]) == {
+        "original_size": [128, 240],
+        "crop_top_left": [0, 5],
+        "target_size": [48, 80],
+    }

@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 from conftest import make_config
 
-from nyaflow.captions import build_caption, build_captions, format_tag, is_kaomoji, train_caption
+from nyaflow.captions import (
+    build_caption,
+    build_captions,
+    caption_dropped,
+    format_tag,
+    is_kaomoji,
+    train_caption,
+)
 from nyaflow.prefilter import prefilter_table, read_table
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "danbooru_sample.jsonl"
@@ -152,3 +159,13 @@ def test_tag_dropout_rate_and_fixed_head():
     assert abs(np.mean(kept) / 100 - 0.7) < 0.02
     everything = settings(keep_first_n=0, shuffle=False, tag_dropout=1.0)
     assert train_caption(caption, everything, 0, 0, 0) == ""
+
+
+def test_caption_dropout_rate_is_keyed_by_seed_epoch_and_sample():
+    drops = np.array([[caption_dropped(0, epoch, i, 0.1) for i in range(4000)] for epoch in range(2)])
+    assert abs(drops.mean() - 0.1) < 0.01
+    assert drops.tolist() == [[caption_dropped(0, e, i, 0.1) for i in range(4000)] for e in range(2)]
+    assert (drops[0] != drops[1]).sum() > 400  # other samples drop in another epoch
+    assert [caption_dropped(1, 0, i, 0.1) for i in range(4000)] != drops[0].tolist()
+    assert not any(caption_dropped(0, 0, i, 0.0) for i in range(100))
+    assert all(caption_dropped(0, 0, i, 1.0) for i in range(100))

@@ -47,6 +47,13 @@ def test_bad_values_are_refused_naming_the_key(raw, key):
         nyaflow_config.validate(raw)
 
 
+@pytest.mark.parametrize("key,value", [("ema_decay", 0.999), ("sample_every", 100)])
+def test_zero_stage_3_refuses_what_needs_the_whole_unet_on_a_rank(key, value):
+    nyaflow_config.validate({"run": "x", "train": {"zero_stage": 3}})
+    with pytest.raises(nyaflow_config.ConfigError, match=f"'train.zero_stage' 3 and 'train.{key}' {value}"):
+        nyaflow_config.validate({"run": "x", "train": {"zero_stage": 3, key: value}})
+
+
 def test_snakemake_stops_before_any_job_naming_the_bad_key(workdir):
     cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     cfg["train"]["caption_dropout"] = 1.5

@@ -4,6 +4,7 @@ bucket-homogeneous batches, per-epoch reshuffling, and resume equivalence at an 
 import numpy as np
 import pytest
 
+from nyaflow import shards
 from nyaflow.loader import TrainingSet, epoch_batches, micro_batches, split_validation
 
 BUCKETS = np.repeat([0, 1, 2], [17, 9, 30])  # 56 samples in 3 buckets of uneven size
@@ -48,8 +49,8 @@ def test_too_few_samples_for_the_ranks_is_refused():
         epoch_batches(np.arange(5), np.zeros(5, dtype=int), 4, 0, 0, world_size=8, rank=0)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
 def test_loader_covers_the_epoch_and_resumes_exactly(demo_data, world_size, num_workers):
     _, data_dir, _, _ = demo_data
     ds = TrainingSet(data_dir)
@@ -63,7 +64,49 @@ def test_loader_covers_the_epoch_and_resumes_exactly(demo_data, world_size, num_
     per_epoch = len(epoch_batches(train_idx, ds.bucket_ids, 3, 0, 0, world_size, 0))
     first_epoch = [i for r in range(world_size) for _, b in take(r, 0, per_epoch) for i in b]
     assert sorted(first_epoch) == sorted(train_idx.tolist())
-    full = take(0, 0, 2 * per_epoch + 2)  # crosses two epoch boundaries
+    full = take(0, 0, 2 * per_epoch + 1)  # crosses two epoch boundaries
     assert {e for e, _ in full} == {0, 1, 2}
-    k = per_epoch + 1  # an arbitrary micro-step in the second epoch
+    k = per_epoch + per_epoch // 2  # a micro-step in the second epoch
     assert take(0, k, len(full) - k) == full[k:]
+
+
+def write_shards(folder, n_shards: int, per_shard: int) -> list:
+    writer = shards.ShardWriter(folder, "b", max_count=per_shard)
+    for i in range(n_shards * per_shard):
+        writer.write(f"{i:06d}", {"txt": f"caption {i}".encode(), "json": b"{}" if i % 2 else b'{"a": 1}'})
+    writer.close()
+    return [folder / s["path"] for s in writer.shards]
+
+
+def test_shard_index_sidecar_matches_the_tar_headers_and_a_stale_one_is_ignored(tmp_path):
+    (path, *_) = write_shards(tmp_path, 1, 5)
+    sidecar = path.with_name(path.name + shards.INDEX_SUFFIX)
+    assert sidecar.is_file()
+    from_sidecar = shards.TarIndex(path)
+    sidecar.unlink()
+    from_headers = shards.TarIndex(path)
+    assert from_sidecar.keys.tolist() == from_headers.keys.tolist() == [f"{i:06d}" for i in range(5)]
+    assert [from_sidecar[i] for i in range(5)] == [from_headers[i] for i in range(5)]
+    assert from_headers[3] == {"txt": b"caption 3", "json": b"{}"}
+
+    from_headers.save()  # then the shard is rewritten with other samples: the index no longer fits
+    (tmp_path / "other").mkdir()
+    writer = shards.ShardWriter(tmp_path / "other", "b", max_count=3)
+    for i in range(3):
+        writer.write(f"k{i}", {"txt": b"longer caption than before"})
+    writer.close()
+    path.write_bytes((tmp_path / "other" / writer.shards[0]["path"]).read_bytes())
+    index = shards.TarIndex(path)
+    assert index.keys.tolist() == ["k0", "k1", "k2"] and index[2] == {"txt": b"longer caption than before"}
+
+
+def test_reading_many_shards_keeps_few_files_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 3)
+    paths = write_shards(tmp_path, 8, 4)
+    indexes = [shards.TarIndex(p) for p in paths]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s, i = int(rng.integers(8)), int(rng.integers(4))
+        assert indexes[s][i]["txt"] == f"caption {4 * s + i}".encode()
+        assert len(shards._open_files) <= 3
+    assert sum(not f.closed for f in shards._open_files.values()) == len(shards._open_files)

@@ -54,11 +54,13 @@ ROWS = [
     (f"{H}/char.jpg", "1girl", "comic", "g", 10, None, None, None, "banned tag: comic"),
     ("//cdn.example/proto.jpg", "1girl", "", "g", 10, None, None, None, "relative url and no data.base_url"),
     (f"{H}/1girl-in-name.jpg", "1girls", "", "g", 10, None, None, None, "missing required tag: 1girl"),
+    (f"{H}/fewpixels.jpg", "1girl", "", "g", 10, 500, 400, None, "fewer than 250000 pixels"),
 ]
 PREFILTER = {
     "ratings": ["g", "s"],
     "min_score": 5,
     "min_side": 256,
+    "min_pixels": 250_000,
     "min_aspect": 0.4,
     "max_aspect": 2.5,
     "require_tags": ["1girl"],
@@ -146,7 +148,7 @@ def test_bad_ids_are_refused_with_the_column_named(tmp_path):
     kept, _, _ = run(
         make_config(data={"columns": {"id": "key", "url": "url"}}), write(renamed, tmp_path / "r.csv")
     )
-    assert len(kept) == 16 and set(kept.columns) == {"row", "id", "url"}  # 8 bad URLs, 2 duplicates
+    assert len(kept) == 17 and set(kept.columns) == {"row", "id", "url"}  # 8 bad URLs, 2 duplicates
 
 
 def test_bytes_that_are_not_utf8_are_decoded_with_replacement(tmp_path):

@@ -172,11 +172,10 @@ def test_objective_matches_a_hand_computation(objective):
     batch = collate([ds[i] for i in same_bucket])
     loss = obj.loss(c.unet, batch, torch.Generator().manual_seed(5))
 
-    # By hand, drawing from the generator in the same order: VAE posterior, caption keep, sigma, noise.
+    # By hand, drawing from the generator in the same order: VAE posterior, sigma, noise.
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         x0 = c.vae.encode(batch["pixels"]).latent_dist.sample(g) * c.vae.config.scaling_factor
-        torch.rand(3, generator=g)
         sigma = torch.sigmoid(torch.randn(3, generator=g))  # logit-normal(0, 1), shift 1
         eps = torch.randn(x0.shape, generator=g)
         s = sigma[:, None, None, None]
@@ -241,3 +240,64 @@ def test_nonfinite_losses_are_skipped_counted_and_bounded(tiny_model, demo_data,
 def test_inference_grid_is_decreasing_from_noise_to_data():
     sigmas = flow.inference_sigmas(8, 3.0)
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and torch.all(sigmas[1:] < sigmas[:-1])
+
+
+def test_stop_right_after_resume_keeps_the_checkpoint_it_resumed_from(
+    tiny_model, demo_data, tmp_path, monkeypatch
+):
+    """A signal at the first step boundary after a resume: `latest` already holds that state, so the save is
+    skipped rather than deleting and rewriting the one complete checkpoint (a kill in between would leave
+    `latest` naming nothing)."""
+    from nyaflow import train as train_mod
+
+    _, data_dir, _, _ = demo_data
+    cfg = make_config(train={**SMALL_TRAIN, "steps": 2})
+    train_mod.train(cfg, tiny_model, data_dir, tmp_path)
+    folder = tmp_path / "checkpoints"
+    before = (folder / "step00000002").stat().st_ino
+
+    monkeypatch.setattr(train_mod.StopFlag, "__init__", lambda self: setattr(self, "requested", True))
+    cfg["train"]["steps"] = 4
+    with pytest.raises(train_mod.Preempted, match="at step 2"):
+        train_mod.train(cfg, tiny_model, data_dir, tmp_path)
+    assert checkpoint.latest_tag(folder) == "step00000002"
+    assert (folder / "step00000002").stat().st_ino == before
+    assert [p.name for p in folder.glob("step*")] == ["step00000002"]
+
+
+def test_resume_with_another_data_order_is_refused_and_more_steps_extend(tiny_model, demo_data, tmp_path):
+    from nyaflow import train as train_mod
+    from nyaflow.errors import UserError
+
+    _, data_dir, _, _ = demo_data
+    cfg = make_config(train={**SMALL_TRAIN, "steps": 2})
+    train_mod.train(cfg, tiny_model, data_dir, tmp_path)
+    changed = make_config(train={**SMALL_TRAIN, "steps": 4, "micro_batch": 3})
+    with pytest.raises(UserError, match=r"train\.micro_batch 2 -> 3"):
+        train_mod.train(changed, tiny_model, data_dir, tmp_path)
+    cfg["train"] |= {"steps": 3, "lr": 2e-4}  # not part of the data order: the run extends
+    assert train_mod.train(cfg, tiny_model, data_dir, tmp_path)["steps"] == 3
+
+
+def test_ema_shadow_is_fp32_and_follows_bf16_weights():
+    """At decay 0.9999 an update moves the average by 1e-4 of its distance to the weights: a bf16 shadow
+    would round every such update away. The fp32 shadow tracks the float64 reference."""
+    from nyaflow.train import make_ema
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 8)
+    ema = make_ema(module, 0.9999, torch.device("cpu"))
+    ema.optimization_step = 10**6  # past diffusers' decay warm-up: the decay is 0.9999 from here on
+    start = [shadow.clone() for shadow in ema.shadow_params]
+    module.bfloat16()
+    reference = [shadow.double() for shadow in start]  # the fp32 weights before the cast
+    for _ in range(50):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.25)
+        ema.step(module.parameters())
+        reference = [r - 1e-4 * (r - p.double()) for r, p in zip(reference, module.parameters(), strict=True)]
+    for shadow, first, ref in zip(ema.shadow_params, start, reference, strict=True):
+        assert shadow.dtype == torch.float32
+        assert (shadow - first).abs().min() > 0.02  # it moved (by ~1e-4 x 0.25 x (1 + ... + 50) = 0.032)
+        torch.testing.assert_close(shadow.double(), ref, rtol=0, atol=1e-5)  # by the right amount

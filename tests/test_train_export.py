@@ -116,7 +116,8 @@ def test_text_encoder_trains_at_its_own_rate_and_is_exported(tiny_model, demo_da
     _, data_dir, _, _ = demo_data
     train_cfg = {"steps": 3, "micro_batch": 4, "val_size": 2, "val_sigmas": 2, "warmup_steps": 0}
     cfg = make_config(
-        train={**train_cfg, "caption_dropout": 0.0, "text_encoder_lr": 1e-3}, export={"dtype": "fp32"}
+        train={**train_cfg, "caption_dropout": 0.0, "text_encoder_lr": 1e-3, "weight_decay": 0.0},
+        export={"dtype": "fp32"},
     )
     train(cfg, tiny_model, data_dir, tmp_path / "train")
     logged = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -128,7 +129,10 @@ def test_text_encoder_trains_at_its_own_rate_and_is_exported(tiny_model, demo_da
     base = load_components(tiny_model)
     te_base = base.text_encoder.state_dict()
     changed = [k for k in te_base if not torch.equal(te_base[k], parts["text_encoder"][k])]
-    assert len(changed) > len(te_base) // 2  # AdamW moves every weight that gets a gradient
+    # Without weight decay only a gradient moves a weight: most of text encoder 1's must have one (the
+    # loss reaches it through the prompt embeddings); the final layer norm feeds only the pooled output
+    # of text encoder 2, not the penultimate hidden states SDXL uses, so a few stay put.
+    assert len(changed) > len(te_base) // 2
     unet_base = base.unet.state_dict()
     assert any(not torch.equal(unet_base[k], parts["unet"][k]) for k in unet_base)
 
