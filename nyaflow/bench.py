@@ -273,6 +273,7 @@ def bench_train(
     compile_backend: str = "inductor",
     channels_last: bool = False,
     zero_stage: int = 2,
+    zero_options: dict | None = None,
     warmup: int = 3,
     steps: int = 10,
     flops_only: bool = False,
@@ -305,6 +306,7 @@ def bench_train(
         "compile": compile_backend if compile else False,
         "channels_last": channels_last,
         "zero_stage": zero_stage,
+        "zero_options": zero_options or {},
         "flops": {
             "counted_on": "meta device, torch.utils.flop_counter (matmul, conv, attention)",
             "forward_per_image": flops["forward"] / micro_batch,
@@ -335,6 +337,7 @@ def bench_train(
         "micro_batch": micro_batch,
         "grad_accum": 1,
         "zero_stage": zero_stage,
+        "zero_options": zero_options or {},
         "precision": precision,
         "gradient_checkpointing": gradient_checkpointing,
         "attention": attention,
@@ -453,6 +456,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=2)
+    p.add_argument(
+        "--zero-options",
+        type=json.loads,
+        default={},
+        help="more zero_optimization settings as JSON, like train.zero_options: '{\"overlap_comm\": true}'",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument(
@@ -467,6 +476,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.steps < 1 or args.micro_batch < 1:
         raise UserError("--warmup >= 0, --steps >= 1 and --micro-batch >= 1 are needed")
+    if not isinstance(args.zero_options, dict):
+        raise UserError(f"--zero-options must be a JSON object, not {args.zero_options!r}")
     record = bench_train(
         model=args.model,
         resolution=args.resolution,
@@ -478,6 +489,7 @@ def main(args: argparse.Namespace) -> int:
         compile_backend=args.compile_backend,
         channels_last=args.channels_last,
         zero_stage=args.zero_stage,
+        zero_options=args.zero_options,
         warmup=args.warmup,
         steps=args.steps,
         flops_only=args.flops_only,

@@ -108,7 +108,7 @@ def reference_markdown() -> str:
     def walk(node: dict, path: str) -> None:
         for name, sub in node.get("properties", {}).items():
             key = f"{path}{name}"
-            if sub.get("type") == "object":
+            if sub.get("type") == "object" and "properties" in sub:
                 lines.extend(["", f"## `{key}`", "", " ".join(sub["description"].split()), ""])
                 lines.extend(["| key | type | default | description |", "| --- | --- | --- | --- |"])
                 walk(sub, f"{key}.")

@@ -95,7 +95,7 @@ def deepspeed_config(tc: dict, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": tc["micro_batch"],
         "gradient_accumulation_steps": tc["grad_accum"],
         "gradient_clipping": tc["grad_clip"],
-        "zero_optimization": {"stage": tc["zero_stage"]},
+        "zero_optimization": {**tc["zero_options"], "stage": tc["zero_stage"]},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

@@ -178,18 +178,23 @@ def test_bench_train_steps_through_the_trainer(monkeypatch):
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
         monkeypatch.delenv(key, raising=False)  # init_distributed sets them; restored afterwards
-    calls = []
+    calls, engines = [], []
     for name in ("build_engine", "latent_loss", "agree", "configure_unet"):
         original = getattr(train, name)
 
         def spy(*a, _name=name, _original=original, **kw):
             calls.append(_name)
-            return _original(*a, **kw)
+            result = _original(*a, **kw)
+            if _name == "build_engine":
+                engines.append(result[0])
+            return result
 
         monkeypatch.setattr(train, name, spy)
-    record = bench.bench_train("tiny", micro_batch=1, warmup=0, steps=1)
-    assert record["steps"] == 1
+    zero_options = {"reduce_bucket_size": 12345}
+    record = bench.bench_train("tiny", micro_batch=1, warmup=0, steps=1, zero_options=zero_options)
+    assert record["steps"] == 1 and record["zero_options"] == zero_options
     assert calls.count("build_engine") == 1 and calls.count("latent_loss") == 1 and calls.count("agree") == 1
+    assert engines[0].zero_reduce_bucket_size() == 12345  # train.zero_options reached DeepSpeed
 
 
 def test_bench_train_sdxl_refuses_on_cpu(capsys):

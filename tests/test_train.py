@@ -301,3 +301,11 @@ def test_ema_shadow_is_fp32_and_follows_bf16_weights():
         assert shadow.dtype == torch.float32
         assert (shadow - first).abs().min() > 0.02  # it moved (by ~1e-4 x 0.25 x (1 + ... + 50) = 0.032)
         torch.testing.assert_close(shadow.double(), ref, rtol=0, atol=1e-5)  # by the right amount
+
+
+def test_zero_options_pass_through_to_deepspeed_with_the_stage_from_zero_stage():
+    from nyaflow.train import deepspeed_config
+
+    options = {"overlap_comm": True, "reduce_bucket_size": 123, "stage": 3}
+    tc = make_config(train={"zero_stage": 2, "zero_options": options})["train"]
+    assert deepspeed_config(tc, bf16=False)["zero_optimization"] == {**options, "stage": 2}
