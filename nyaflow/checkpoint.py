@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -36,9 +37,18 @@ def latest_tag(folder: Path) -> str | None:
     return tag
 
 
-def save(engine, folder: Path, step: int, client_state: dict, keep: int, data_order: dict) -> str:
+def save(
+    engine,
+    folder: Path,
+    step: int,
+    client_state: dict,
+    keep: int,
+    data_order: dict,
+    write_rank_files: Callable[[Path], None] | None = None,
+) -> str:
     """Save collectively (call on every rank); returns the tag. Keeps the newest `keep` checkpoints.
-    `data_order`: the settings the data position depends on (see `load`), stored in the info file."""
+    `data_order`: the settings the data position depends on (see `load`), stored in the info file.
+    `write_rank_files(checkpoint folder)`: each rank's own files (its EMA share), written with the rest."""
     folder, tag = Path(folder), tag_for(step)
     if latest_tag(folder) == tag:
         # A stop right after resuming: `latest` already holds this very state. Writing it again would
@@ -50,6 +60,8 @@ def save(engine, folder: Path, step: int, client_state: dict, keep: int, data_or
             shutil.rmtree(stale)
     dist.barrier()
     engine.save_checkpoint(str(folder), tag=f"{tag}.partial", client_state=client_state, save_latest=False)
+    if write_rank_files is not None:
+        write_rank_files(folder / f"{tag}.partial")
     dist.barrier()
     if rank == 0:
         info = {"step": step, "world_size": dist.get_world_size(), "data_order": data_order}

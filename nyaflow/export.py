@@ -5,8 +5,8 @@ The checkpoint is `export.tag` (or `--tag`), by default the one `latest` names. 
 - raw (`export.weights: raw`): the trained UNet, consolidated to fp32 with DeepSpeed's own `zero_to_fp32`
   (any ZeRO stage >= 1; stage-0 checkpoints hold the whole module in the model-states file);
 - EMA (`export.weights: ema`): the exponential moving average the trainer keeps when `train.ema_decay` > 0,
-  a plain state dict of fp32 tensors in the checkpoint's client state under "ema_unet" (in rank 0's
-  model-states file, `mp_rank_00_model_states.pt`).
+  fp32 tensors split across the ranks' `ema_rank<r>.safetensors` files in the checkpoint folder
+  (nyaflow.ema), merged here.
 
 Text encoders trained with the UNet (train.text_encoder_lr / text_encoder_2_lr) are in the checkpoint under
 `text_encoder.` / `text_encoder_2.` (and the UNet under `unet.`); their raw weights are exported with either
@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from nyaflow import ema
 from nyaflow.errors import UserError
 from nyaflow.model import Components, load_components, save_components
 from nyaflow.scheduler import FlowMatchEulerSDXLScheduler
 from nyaflow.single_file import save_single_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EMA_KEY = "ema_unet"
 # Rank 0's model-states file: ZeRO 0-2 name it mp_rank_00_..., ZeRO 3 zero_pp_rank_0_mp_rank_00_...
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -67,7 +67,7 @@ def model_states_file(ckpt_dir: Path, tag: str) -> Path:
 
 def checkpoint_state(ckpt_dir: Path, tag: str) -> dict:
     """Rank 0's model-states dict: DeepSpeed's entries plus the trainer's client state (step, val_loss,
-    ema_unet, ...). Memory-mapped, so the module weights in it are not read unless used."""
+    ema_optimization_step, ...). Memory-mapped, so the module weights in it are not read unless used."""
     path = model_states_file(ckpt_dir, tag)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -111,17 +111,19 @@ def consolidated_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
 
 
 def ema_unet_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The UNet's EMA weights (fp32) from the checkpoint's client state."""
-    state = checkpoint_state(ckpt_dir, tag)
-    ema = state.get(EMA_KEY)
-    if not isinstance(ema, dict) or not ema:
+    """The UNet's EMA weights (fp32): every rank's share in the checkpoint folder, merged."""
+    folder = Path(ckpt_dir) / tag
+    model_states_file(ckpt_dir, tag)  # a clear error if this is not a DeepSpeed checkpoint at all
+    try:
+        state = ema.read(folder)
+    except Exception as e:  # a truncated file, or shares of two runs
+        raise ExportError(f"cannot read the EMA of {folder}: {type(e).__name__}: {e}") from e
+    if not state:
         raise ExportError(
-            f"checkpoint {Path(ckpt_dir) / tag} has no EMA weights ('{EMA_KEY}' in its client state): train"
-            " with train.ema_decay > 0, or export the raw weights (export.weights: raw)"
+            f"checkpoint {folder} has no EMA weights (no {ema.FILE.format(rank=0)}): train with"
+            " train.ema_decay > 0, or export the raw weights (export.weights: raw)"
         )
-    if all(k.startswith("module.") for k in ema):
-        ema = {k.removeprefix("module."): v for k, v in ema.items()}
-    return {k: v.float() for k, v in ema.items()}
+    return state
 
 
 def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, part: str = "UNet"):

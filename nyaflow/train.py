@@ -39,6 +39,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from nyaflow import checkpoint, flow
 from nyaflow.captions import caption_dropped, train_caption
+from nyaflow.ema import ShardedEMA
 from nyaflow.loader import TrainingSet, collate, micro_batches, split_validation
 from nyaflow.model import Components, encode_prompts, load_components
 
@@ -306,7 +307,11 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             getattr(c, name).requires_grad_(False).eval()
         getattr(c, name).to(device, dtype)
     configure_unet(c.unet, tc)
-    ema = make_ema(c.unet, tc["ema_decay"], device)  # from the fp32 weights, before DeepSpeed casts them
+    ema = (
+        None  # this rank's share of the EMA (nyaflow.ema), from the fp32 weights before DeepSpeed casts them
+    )
+    if tc["ema_decay"] > 0:
+        ema = ShardedEMA(c.unet, tc["ema_decay"], rank, world_size, device)
     engine, scheduler = build_engine(deepspeed, trained_modules(c, tc), tc, device, bf16)
     unet = unet_of(engine.module)
     objective = FlowObjective(c, tc, device, dtype)
@@ -320,11 +325,11 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     client_state = checkpoint.load(engine, ckpt_dir, data_order)
     if client_state is not None:
         state = {k: client_state[k] for k in state}
-        if ema is not None:
-            names = [name for name, _ in unet.named_parameters()]
-            for shadow, name in zip(ema.shadow_params, names, strict=True):
-                shadow.copy_(client_state["ema_unet"][name])
-            ema.optimization_step = client_state["ema_optimization_step"]
+        resumed = ckpt_dir / checkpoint.latest_tag(ckpt_dir)
+        if ema is not None and not ema.load(resumed, client_state.get("ema_optimization_step", 0)):
+            ema.restart_from(unet)
+            if rank == 0:
+                print(f"[nyaflow train] {resumed} has no EMA: it starts from these weights", flush=True)
 
     writer, metrics = None, None
     if rank == 0:
@@ -365,14 +370,15 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             print(f"[nyaflow train] step {step}: validation loss {loss:.5f}", flush=True)
 
     def save() -> None:
-        extra = {}
-        if ema is not None and rank == 0:  # DeepSpeed stores the client state from rank 0
-            extra = {
-                "ema_unet": ema_weights(ema, unet),
-                "ema_optimization_step": ema.optimization_step,
-            }
+        extra = {"ema_optimization_step": ema.optimization_step} if ema is not None else {}
         checkpoint.save(
-            engine, ckpt_dir, state["step"], {**state, **extra}, tc["keep_checkpoints"], data_order
+            engine,
+            ckpt_dir,
+            state["step"],
+            {**state, **extra},
+            tc["keep_checkpoints"],
+            data_order,
+            write_rank_files=ema.save if ema is not None else None,
         )
 
     if state["step"] == 0:
@@ -421,7 +427,7 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         state["step"] += 1
         step = state["step"]
         if ema is not None:
-            ema.step(unet.parameters())
+            ema.step(unet)
         if step % tc["log_every"] == 0 or step == tc["steps"]:
             dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / (world_size * window_size)
@@ -476,29 +482,6 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         tmp.replace(out_dir / "summary.json")
     dist.barrier()
     return summary
-
-
-def make_ema(unet, decay: float, device: torch.device):
-    """diffusers' EMAModel of the UNet's weights with an fp32 shadow on `device` (None when decay is 0).
-
-    The shadow must be fp32 whatever the training precision: an update moves it by (1 - decay) times its
-    distance to the weights, 1e-4 of it at decay 0.9999, far below bf16's resolution (2^-8 relative), so
-    a bf16 shadow would never leave the base weights. It averages the working weights (bf16 on GPU).
-    foreach=False updates one tensor at a time: the foreach path allocates a temporary the size of the
-    whole shadow (10 GB for SDXL) every step."""
-    if decay <= 0:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel([p.detach().float() for p in unet.parameters()], decay=decay, foreach=False)
-    ema.to(device=device)
-    return ema
-
-
-def ema_weights(ema, module) -> dict[str, torch.Tensor]:
-    """The EMA weights as a named state dict (the export stage reads it from the checkpoint)."""
-    names = [name for name, _ in module.named_parameters()]
-    return {name: p.detach().float().cpu().clone() for name, p in zip(names, ema.shadow_params, strict=True)}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 from conftest import make_config
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nyaflow.cli import main as cli_main
 from nyaflow.export import ExportError, checkpoint_tag, export
@@ -23,12 +24,16 @@ def unet_state(tiny_model):
 
 
 def write_checkpoint(folder, tag, module, step, ema=None, latest=True):
-    """A checkpoint as DeepSpeed writes it at ZeRO stage 0, with nyaflow's client state."""
+    """A checkpoint as DeepSpeed writes it at ZeRO stage 0, with nyaflow's client state, and the EMA as two
+    ranks' shares (nyaflow.ema)."""
     (folder / tag).mkdir(parents=True)
     state = {"module": module, "step": step, "val_loss": [[0, 1.0], [step, 0.25], [step + 10, 0.2]]}
-    if ema is not None:
-        state["ema_unet"] = ema
     torch.save(state, folder / tag / "mp_rank_00_model_states.pt")
+    if ema is not None:
+        names = sorted(ema)
+        for rank in (0, 1):
+            share = {n: ema[n].contiguous() for n in names[rank::2]}
+            save_file(share, folder / tag / f"ema_rank{rank:03d}.safetensors")
     if latest:
         (folder / "latest").write_text(tag)
 

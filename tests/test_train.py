@@ -50,15 +50,16 @@ def wait_for(predicate, timeout: float = 240, interval: float = 0.02):
     raise TimeoutError("condition not reached")
 
 
-def final_state(out: Path) -> tuple[dict, dict, dict]:
-    """(UNet fp32 weights, optimizer state of rank 0, summary) of a finished run."""
-    from nyaflow.export import consolidated_unet_state
+def final_state(out: Path) -> tuple[dict, dict, dict, dict]:
+    """(UNet fp32 weights, optimizer state of rank 0, EMA, summary) of a finished run."""
+    from nyaflow.export import consolidated_unet_state, ema_unet_state
 
     tag = checkpoint.latest_tag(out / "checkpoints")
     weights = consolidated_unet_state(out / "checkpoints", tag)
     optim_file = sorted((out / "checkpoints" / tag).glob("*optim_states.pt"))[0]
     optim = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-    return weights, optim, json.loads((out / "summary.json").read_text())
+    ema = ema_unet_state(out / "checkpoints", tag)
+    return weights, optim, ema, json.loads((out / "summary.json").read_text())
 
 
 def assert_same(a, b, path="") -> None:
@@ -82,7 +83,7 @@ def assert_same(a, b, path="") -> None:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_resume_after_sigkill_is_bitwise_identical(tiny_model, demo_data, tmp_path, world_size):
     _, data_dir, _, _ = demo_data
-    cfg = make_config(train={**SMALL_TRAIN, "steps": 7})
+    cfg = make_config(train={**SMALL_TRAIN, "steps": 7, "ema_decay": 0.9})
     wait(launch(cfg, tiny_model, data_dir, tmp_path / "full", world_size), tmp_path / "full")
 
     killed = tmp_path / "killed"
@@ -94,10 +95,14 @@ def test_resume_after_sigkill_is_bitwise_identical(tiny_model, demo_data, tmp_pa
     assert not (killed / "summary.json").exists()
     wait(launch(cfg, tiny_model, data_dir, killed, world_size), killed)
 
-    w_full, o_full, s_full = final_state(tmp_path / "full")
-    w_kill, o_kill, s_kill = final_state(killed)
+    w_full, o_full, ema_full, s_full = final_state(tmp_path / "full")
+    w_kill, o_kill, ema_kill, s_kill = final_state(killed)
     assert_same(w_full, w_kill, "unet")
     assert_same(o_full, o_kill, "optimizer")
+    assert_same(ema_full, ema_kill, "ema")  # every rank's share, resumed from its own file
+    assert ema_full.keys() == w_full.keys() and any(not torch.equal(ema_full[k], w_full[k]) for k in w_full)
+    shares = list((tmp_path / "full" / "checkpoints" / "step00000007").glob("ema_rank*.safetensors"))
+    assert len(shares) == world_size
     assert s_full["loss"] == s_kill["loss"] and len(s_full["loss"]) == 7
     assert s_full["val_loss"] == s_kill["val_loss"]
     assert s_full["checkpoint"] == s_kill["checkpoint"] == "step00000007"
@@ -282,22 +287,22 @@ def test_resume_with_another_data_order_is_refused_and_more_steps_extend(tiny_mo
 def test_ema_shadow_is_fp32_and_follows_bf16_weights():
     """At decay 0.9999 an update moves the average by 1e-4 of its distance to the weights: a bf16 shadow
     would round every such update away. The fp32 shadow tracks the float64 reference."""
-    from nyaflow.train import make_ema
+    from nyaflow.ema import ShardedEMA
 
     torch.manual_seed(0)
     module = torch.nn.Linear(8, 8)
-    ema = make_ema(module, 0.9999, torch.device("cpu"))
-    ema.optimization_step = 10**6  # past diffusers' decay warm-up: the decay is 0.9999 from here on
-    start = [shadow.clone() for shadow in ema.shadow_params]
+    ema = ShardedEMA(module, 0.9999, rank=0, world_size=1, device=torch.device("cpu"))
+    ema.model.optimization_step = 10**6  # past diffusers' decay warm-up: the decay is 0.9999 from here on
+    start = [shadow.clone() for shadow in ema.model.shadow_params]
     module.bfloat16()
     reference = [shadow.double() for shadow in start]  # the fp32 weights before the cast
     for _ in range(50):
         with torch.no_grad():
             for p in module.parameters():
                 p.add_(0.25)
-        ema.step(module.parameters())
+        ema.step(module)
         reference = [r - 1e-4 * (r - p.double()) for r, p in zip(reference, module.parameters(), strict=True)]
-    for shadow, first, ref in zip(ema.shadow_params, start, reference, strict=True):
+    for shadow, first, ref in zip(ema.model.shadow_params, start, reference, strict=True):
         assert shadow.dtype == torch.float32
         assert (shadow - first).abs().min() > 0.02  # it moved (by ~1e-4 x 0.25 x (1 + ... + 50) = 0.032)
         torch.testing.assert_close(shadow.double(), ref, rtol=0, atol=1e-5)  # by the right amount
@@ -309,3 +314,17 @@ def test_zero_options_pass_through_to_deepspeed_with_the_stage_from_zero_stage()
     options = {"overlap_comm": True, "reduce_bucket_size": 123, "stage": 3}
     tc = make_config(train={"zero_stage": 2, "zero_options": options})["train"]
     assert deepspeed_config(tc, bf16=False)["zero_optimization"] == {**options, "stage": 2}
+
+
+def test_ema_shares_partition_the_unet_evenly(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    from nyaflow import ema
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet", local_files_only=True)
+    sizes = {name: p.numel() for name, p in unet.named_parameters()}
+    shares = [ema.share(unet, rank, 3) for rank in range(3)]
+    assert sorted(n for s in shares for n in s) == sorted(sizes)  # every parameter once
+    loads = [sum(sizes[n] for n in s) for s in shares]
+    assert max(loads) - min(loads) <= max(sizes.values())  # balanced to within one tensor
+    assert shares == [ema.share(unet, rank, 3) for rank in range(3)]  # the same on every call
