@@ -6,7 +6,7 @@ Each row times nyaflow and its baseline in the same run, alternating between the
 has rounds, so that a busy machine slows both alike:
 
 - training loop: nyaflow's `train()` (DeepSpeed engine, ZeRO-2, collective stop/finite checks, keyed
-  generators, logging) against a bare PyTorch loop (torch AdamW, loss.backward, optimizer.step) on the
+  generators, logging) against a bare PyTorch loop (the same fused AdamW, loss.backward, step) on the
   same tiny model, data, objective and batches (benchmarks/train_overhead.py, fewer steps; the data are
   written straight into shards here instead of being downloaded with img2dataset);
 - sampler: nyaflow.sample against diffusers' StableDiffusionXLPipeline with

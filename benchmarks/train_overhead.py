@@ -1,5 +1,5 @@
 """Training-loop overhead: nyaflow's `train()` (DeepSpeed engine, ZeRO-2, collective stop/finite checks,
-keyed generators, logging) against a bare PyTorch loop (torch AdamW, loss.backward, optimizer.step) on the
+keyed generators, logging) against a bare PyTorch loop (the same fused AdamW, loss.backward, step) on the
 same tiny model, data loader, objective and batches. Prints seconds per step and the ratio (goal <= 1.05).
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 60]
@@ -23,7 +23,7 @@ from nyaflow.download import download
 from nyaflow.loader import TrainingSet, micro_batches, split_validation
 from nyaflow.model import build_tiny_components, load_components, save_components
 from nyaflow.preprocess import preprocess
-from nyaflow.train import FlowObjective, init_distributed, keyed_generator, train
+from nyaflow.train import FlowObjective, init_distributed, keyed_generator, make_optimizer, train
 
 
 def bare_loop(cfg: dict, base: Path, data: Path, steps: int) -> float:
@@ -32,7 +32,7 @@ def bare_loop(cfg: dict, base: Path, data: Path, steps: int) -> float:
     c = load_components(base)
     for frozen in (c.vae, c.text_encoder, c.text_encoder_2):
         frozen.requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(c.unet.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    optimizer = make_optimizer(c.unet.parameters(), tc)  # the trainer's optimizer (fused AdamW): not overhead
     objective = FlowObjective(c, tc, torch.device("cpu"), torch.float32)
     ds = TrainingSet(data)
     train_idx, _ = split_validation(len(ds), tc["val_size"], seed)

@@ -17,7 +17,8 @@ slurm
     into the log, and returns 0 when the job completes, or 1 with the job's error (the failing rank's
     traceback) when it fails. Each rank runs `TrainTask.__call__`: it exports MASTER_ADDR, MASTER_PORT,
     RANK, WORLD_SIZE and LOCAL_RANK with `submitit.helpers.TorchDistributedEnvironment().export()` (all
-    GPUs of the node stay visible; the trainer picks LOCAL_RANK) and calls `nyaflow.train.train`. The job
+    GPUs of the node stay visible; the trainer picks LOCAL_RANK) and calls `nyaflow.train.train`, after the
+    preflight checks of nyaflow.preflight on these very nodes when preflight.every_training_run. The job
     script first sets the thread counts of OpenMP, MKL and the other BLAS libraries to
     `launch.cpus_per_task`: sbatch passes the submitting environment on, and Snakemake sets those variables
     to the local rule's threads (the login node's cores). Runs with the same thread counts are bitwise
@@ -211,6 +212,12 @@ class TrainTask(Checkpointable):
                 f"({env.local_world_size} per node), master {env.master_addr}:{env.master_port}",
                 flush=True,
             )
+        if self.config["preflight"]["every_training_run"]:
+            # These nodes, this run: a requeued job may have landed on others than the preflight rule saw.
+            # PreflightFailed on rank 0 ends the job (srun --kill-on-bad-exit) before training starts.
+            from nyaflow.preflight import preflight
+
+            preflight(self.config, self.data, self.out / "preflight" / f"{job_id}-run{restarts + 1}")
         try:
             return train(self.config, self.base, self.data, self.out)
         except Preempted as e:

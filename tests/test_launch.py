@@ -199,6 +199,27 @@ def test_requeues_are_bounded_by_slurm_restart_count(slurm_rank, preempted_task)
     assert task.checkpoint() is not None
 
 
+def test_every_training_run_checks_its_own_nodes_before_training(slurm_rank, preempted_task, monkeypatch):
+    task, calls = preempted_task
+    order = []
+    monkeypatch.setattr(
+        "nyaflow.preflight.preflight", lambda cfg, data, out: order.append(("preflight", out))
+    )
+    import nyaflow.train
+
+    preempted = nyaflow.train.train  # the fixture's: stops on a signal at once
+    monkeypatch.setattr("nyaflow.train.train", lambda *a: (order.append(("train", None)), preempted(*a)))
+    slurm_rank(0, restarts=1)
+    with pytest.raises(SystemExit):
+        task()
+    assert order == [("train", None)]  # off by default
+    order.clear()
+    task.config["preflight"]["every_training_run"] = True
+    with pytest.raises(SystemExit):
+        task()
+    assert order == [("preflight", task.out / "preflight" / "4242-run2"), ("train", None)]
+
+
 def test_the_plan_describes_the_training_launch(workdir):
     from conftest import run_snakemake
 

@@ -183,7 +183,7 @@ def dag(cluster, tmp_path_factory):
         # Lenient: the 4 ranks share this machine's 2 cores with the cluster's daemons and the other test
         # worker (a rank measured during a burst of its work read 5.7x slower than the others). The nodes'
         # GPUs are fake (scheduled, not there): the ranks run on the CPU.
-        "preflight": {"min_fraction": 0.05, "check_gpus": False},
+        "preflight": {"min_fraction": 0.05, "check_gpus": False, "every_training_run": True},
     }
     (workdir / "config" / "slurm-test.yaml").write_text(yaml.safe_dump(overlay))
     profile = sized_down_profile(workdir)
@@ -251,6 +251,9 @@ def test_whole_dag_runs_as_slurm_jobs(dag):
     assert rows[f"{job_id}.0"]["NTasks"] == "4", rows
     summary = json.loads((results / "train" / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["steps"] == TRAIN["steps"]
+    # preflight.every_training_run: the training job checked its own nodes first, in the same processes.
+    in_job = json.loads((results / "train" / "preflight" / f"{job_id}-run1" / "report.json").read_text())
+    assert in_job["ok"] and in_job["world_size"] == 4 and len(in_job["hosts"]) == 2, in_job
     # The train rule streamed the job's states to Snakemake's output and rank 0's progress to its log.
     assert re.search(rf"job {job_id}: RUNNING on n\[?\d", result.stderr), result.stderr[-3000:]
     assert f"job {job_id}: COMPLETED" in result.stderr
@@ -387,6 +390,9 @@ def test_requeue_resumes_exactly_and_is_bounded(dag, tmp_path):
             subprocess.run(["scancel", job], check=False)
     assert releaser.released >= 1
     assert f"starting at step {saved}/{TRAIN['steps']}" in (tmp_path / "train.log").read_text()
+    # Each run of the job checked its nodes before training: the first, the requeued one, the rerun.
+    checked = sorted(p.name for p in (out / "preflight").iterdir())
+    assert checked == sorted([f"{job_id}-run1", f"{job_id}-run2", f"{rerun_job}-run1"]), checked
 
     tag = f"step{TRAIN['steps']:08d}"
     uninterrupted = consolidated_unet_state(results / "train" / "checkpoints", tag)
