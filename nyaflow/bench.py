@@ -96,12 +96,13 @@ SDXL_TEXT_ENCODERS = (
 
 # Dense (no sparsity) peak rates per device in TFLOP/s, from the vendors' data sheets: bf16 tensor cores,
 # and TF32 tensor cores for fp32 training (PyTorch's convolutions use TF32 by default).
+# Dense peak TFLOP/s by precision, and the memory CUDA reports (nvidia-smi's total, GiB; the 80 GB cards).
 PEAK_TFLOPS = {
-    "h100": {"bf16": 989.0, "fp32": 494.7, "name": "NVIDIA H100 SXM", "memory_gb": 80},
-    "h100-pcie": {"bf16": 756.0, "fp32": 378.0, "name": "NVIDIA H100 PCIe", "memory_gb": 80},
-    "h200": {"bf16": 989.0, "fp32": 494.7, "name": "NVIDIA H200", "memory_gb": 141},
-    "a100": {"bf16": 312.0, "fp32": 156.0, "name": "NVIDIA A100", "memory_gb": 80},
-    "l40s": {"bf16": 362.0, "fp32": 183.0, "name": "NVIDIA L40S", "memory_gb": 48},
+    "h100": {"bf16": 989.0, "fp32": 494.7, "name": "NVIDIA H100 SXM", "memory_gib": 79.6},
+    "h100-pcie": {"bf16": 756.0, "fp32": 378.0, "name": "NVIDIA H100 PCIe", "memory_gib": 79.6},
+    "h200": {"bf16": 989.0, "fp32": 494.7, "name": "NVIDIA H200", "memory_gib": 140.4},
+    "a100": {"bf16": 312.0, "fp32": 156.0, "name": "NVIDIA A100", "memory_gib": 80.0},
+    "l40s": {"bf16": 362.0, "fp32": 183.0, "name": "NVIDIA L40S", "memory_gib": 45.0},
 }
 
 

@@ -50,11 +50,14 @@ def save(
     `data_order`: the settings the data position depends on (see `load`), stored in the info file.
     `write_rank_files(checkpoint folder)`: each rank's own files (its EMA share), written with the rest."""
     folder, tag = Path(folder), tag_for(step)
-    if latest_tag(folder) == tag:
-        # A stop right after resuming: `latest` already holds this very state. Writing it again would
-        # first delete the one complete checkpoint. (Every rank reads the same shared folder here.)
-        return tag
     rank = dist.get_rank()
+    # A stop right after resuming: `latest` already holds this very state, and writing it again would first
+    # delete the one complete checkpoint. Rank 0 decides for all (a network file system may show another
+    # rank an older `latest`; ranks that disagreed would wait for each other forever).
+    decision = [latest_tag(folder) == tag if rank == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    if decision[0]:
+        return tag
     if rank == 0:  # leftovers of a save that was killed
         for stale in folder.glob("step*.partial"):
             shutil.rmtree(stale)

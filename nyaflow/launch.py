@@ -217,7 +217,8 @@ class TrainTask(Checkpointable):
             # PreflightFailed on rank 0 ends the job (srun --kill-on-bad-exit) before training starts.
             from nyaflow.preflight import preflight
 
-            preflight(self.config, self.data, self.out / "preflight" / f"{job_id}-run{restarts + 1}")
+            out = self.out / "preflight" / f"{job_id}-run{restarts + 1}"
+            preflight(self.config, self.data, out, keep_group=True)  # train() goes on in its group
         try:
             return train(self.config, self.base, self.data, self.out)
         except Preempted as e:

@@ -32,9 +32,9 @@ GIB = 2**30
 # Activations kept for the backward pass per 1024^2 image (latent 128^2) of the SDXL UNet in bf16, flash
 # attention (DESIGN.md section 5); they grow with the pixel count.
 SDXL_ACTIVATIONS_GIB = {False: 6.8, True: 0.55}  # by train.gradient_checkpointing
-SDXL_FROZEN = {"text_encoders": 817_720_320, "vae": 83_653_863}  # parameters: CLIP-L + bigG, the VAE
-DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce / allgather bucket, in elements
-CUDA_RESERVE_GB = 3.0  # CUDA context, cuBLAS/flash workspaces, allocator slack
+SDXL_PARAMETERS = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863}
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce bucket, in elements
+CUDA_RESERVE_GIB = 3.0  # CUDA context, cuBLAS/flash workspaces, allocator slack
 
 
 def model_name(cfg: dict) -> str:
@@ -74,31 +74,36 @@ def cluster(cfg: dict, gpus: int | None, gpu: str | None) -> tuple[int, str]:
     return gpus, gpu
 
 
-def memory_gb(cfg: dict, model: str, parameters: int, gpus: int) -> dict:
-    """An estimate of one GPU's memory in training (GB): model states from the parameter count, the ZeRO
-    stage and the world size; activations from DESIGN.md's SDXL measurements (None for other models)."""
-    tc, n = cfg["train"], gpus
+def memory_gib(cfg: dict, model: str, parameters: int, gpus: int) -> dict:
+    """An estimate of one GPU's memory in training (GiB), as DeepSpeed 0.19's ZeRO lays it out: the trained
+    modules' states from their parameter count, the ZeRO stage and the world size; the gradient reduce
+    bucket(s); frozen encoders; activations from DESIGN.md's SDXL measurements (None for other models)."""
+    tc, n, stage = cfg["train"], gpus, cfg["train"]["zero_stage"]
     half = 2 if tc["precision"] != "fp32" else 4
-    stage = tc["zero_stage"]
-    zero = tc["zero_options"]
-    bucket = max(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET), zero.get("allgather_bucket_size", 0))
+    sdxl = model == "sdxl"
+    trained_te = sum(SDXL_PARAMETERS[k] for k in ("text_encoder", "text_encoder_2") if sdxl and tc[f"{k}_lr"])
+    frozen_te = (
+        sum(SDXL_PARAMETERS[k] for k in ("text_encoder", "text_encoder_2")) - trained_te if sdxl else 0
+    )
+    p = parameters + trained_te  # what the optimizer trains
+    bucket = tc["zero_options"].get("reduce_bucket_size", DEEPSPEED_BUCKET)
     parts = {
-        "weights": half * parameters,
-        "gradients": half * parameters / (n if stage >= 2 else 1),
-        "fp32 weights + Adam moments": 12 * parameters / (n if stage >= 1 else 1),
+        "weights (trained)": half * p,
+        # ZeRO-2 reduces each gradient into the owner's fp32 partition; below it every rank holds them all.
+        "gradients": 4 * p / n if stage >= 2 else half * p,
+        "fp32 weights + Adam moments": 12 * p / (n if stage >= 1 else 1),
         "EMA (fp32, split across ranks)": 4 * parameters / n if tc["ema_decay"] > 0 else 0,
-        "ZeRO buckets": half * bucket * (4.5 if zero.get("overlap_comm") else 1) if stage >= 1 else 0,
+        "gradient reduce buckets": half * bucket * (2 if tc["zero_options"].get("overlap_comm") else 1),
     }
-    if model == "sdxl":
-        parts["text encoders + VAE"] = half * SDXL_FROZEN["text_encoders"] + 4 * SDXL_FROZEN["vae"]
-    parts = {k: v / 1e9 for k, v in parts.items()}
+    if sdxl:
+        parts["frozen text encoders + VAE"] = half * frozen_te + 4 * SDXL_PARAMETERS["vae"]
+    parts = {k: v / GIB for k, v in parts.items()}
     activations = None
-    if model == "sdxl":
-        per_image = SDXL_ACTIVATIONS_GIB[tc["gradient_checkpointing"]] * GIB / 1e9
+    if sdxl:
         resolution = cfg["data"]["preprocess"]["resolution"]
-        activations = per_image * tc["micro_batch"] * (resolution / 1024) ** 2
-        parts["activations"] = activations
-    parts["CUDA context and workspaces"] = CUDA_RESERVE_GB
+        per_image = SDXL_ACTIVATIONS_GIB[tc["gradient_checkpointing"]] * (resolution / 1024) ** 2
+        activations = parts["activations"] = per_image * tc["micro_batch"]
+    parts["CUDA context and workspaces"] = CUDA_RESERVE_GIB
     return {"parts": parts, "total": sum(parts.values()), "activations_known": activations is not None}
 
 
@@ -200,8 +205,8 @@ def plan(
         "cached_latents": column(flops["train"]),
         "encode_on_the_fly": column(flops["train"] + sum(encode.values())) if model == "sdxl" else None,
         "latents_cached": bool((cfg.get("latents") or {}).get("cache")),
-        "memory_gb": memory_gb(cfg, model, flops["parameters"], gpus),
-        "gpu_memory_gb": bench.PEAK_TFLOPS[gpu]["memory_gb"],
+        "memory_gib": memory_gib(cfg, model, flops["parameters"], gpus),
+        "gpu_memory_gib": bench.PEAK_TFLOPS[gpu]["memory_gib"],
         "notes": notes,
     }
 
@@ -271,19 +276,22 @@ def format_plan(p: dict) -> str:
 
 
 def format_memory(p: dict) -> list[str]:
-    mem, capacity = p["memory_gb"], p["gpu_memory_gb"]
-    lines = ["", f"memory per GPU (estimate, GB; {p['gpu_name']}: {capacity} GB):"]
-    lines += [f"  {name:<32}{gb:>8.1f}" for name, gb in mem["parts"].items()]
+    mem, capacity = p["memory_gib"], p["gpu_memory_gib"]
+    lines = ["", f"memory per GPU (estimate, GiB; {p['gpu_name']}: {capacity:g} GiB):"]
+    lines += [f"  {name:<32}{gib:>8.1f}" for name, gib in mem["parts"].items()]
     lines.append(f"  {'total':<32}{mem['total']:>8.1f}")
     if not mem["activations_known"]:
         lines.append("note: activations are not estimated for this model (measured for SDXL only)")
     elif mem["total"] > capacity:
         lines.append(
-            f"WARNING: about {mem['total']:.0f} GB needed, {capacity} GB on the GPU: lower train.micro_batch"
-            " (raise grad_accum to keep the global batch), or turn on train.gradient_checkpointing"
+            f"WARNING: about {mem['total']:.0f} GiB needed, {capacity:g} GiB on the GPU: lower"
+            " train.micro_batch (raise grad_accum to keep the global batch), or turn on"
+            " train.gradient_checkpointing"
         )
     elif mem["total"] > 0.9 * capacity:
-        lines.append(f"note: within 10% of the GPU's {capacity} GB: check with `nyaflow bench train` first")
+        lines.append(
+            f"note: within 10% of the GPU's {capacity:g} GiB: check with `nyaflow bench train` first"
+        )
     return lines
 
 

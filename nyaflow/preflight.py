@@ -252,16 +252,19 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def preflight(config: dict, data_dir: Path, out_dir: Path) -> dict:
+def preflight(config: dict, data_dir: Path, out_dir: Path, keep_group: bool = False) -> dict:
     """Run on every rank of the job: measure, gather, and on rank 0 write out_dir/report.{json,html} and
-    raise PreflightFailed if the allocation is not healthy. Returns the report."""
+    raise PreflightFailed if the allocation is not healthy. Returns the report. With `keep_group` the
+    process group stays for what runs next in the same ranks (training: made once, not twice on one
+    port)."""
     device = join_process_group()
     try:
         row = measure_rank(config, Path(data_dir), device)
         rows = [None] * dist.get_world_size()
         dist.all_gather_object(rows, row)
     finally:
-        dist.destroy_process_group()
+        if not keep_group:
+            dist.destroy_process_group()
     problems = judge(rows, config)
     report = {
         "run": config["run"],

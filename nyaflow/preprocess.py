@@ -117,23 +117,29 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def download_scale(meta: dict) -> float:
-    """How much img2dataset shrank the image (original width / stored width; 1 when it stored the
-    original bytes), from the metadata it writes beside each sample."""
-    width, original = meta.get("width"), meta.get("original_width")
-    if isinstance(width, int) and isinstance(original, int) and width > 0 and original > 0:
-        return original / width
-    return 1.0
+def download_scale(meta: dict) -> tuple[float, float]:
+    """(height, width) factors by which img2dataset resized the image (original / stored; 1 when it stored
+    the original bytes), from the metadata it writes beside each sample. Per side: its center_crop and
+    border modes change the aspect ratio."""
+
+    def ratio(stored, original) -> float:
+        ok = isinstance(stored, int) and isinstance(original, int) and stored > 0 and original > 0
+        return original / stored if ok else 1.0
+
+    return (
+        ratio(meta.get("height"), meta.get("original_height")),
+        ratio(meta.get("width"), meta.get("original_width")),
+    )
 
 
 def make_sample(
-    data: bytes, caption: str, settings: dict, buckets, source_scale: float = 1.0
+    data: bytes, caption: str, settings: dict, buckets, source_scale: tuple[float, float] = (1.0, 1.0)
 ) -> tuple[tuple[int, int], dict[str, bytes]]:
     """Turn downloaded bytes into a training sample; returns (bucket, {ext: bytes}) or raises Rejected.
 
     SDXL's `original_size` is the size of the image before any resizing: the decoded size times
-    `source_scale` (`download_scale`: img2dataset may have shrunk it while downloading). The crop is in the
-    resized image, the target is the bucket (pixels, (h, w))."""
+    `source_scale` ((h, w) factors, `download_scale`: img2dataset may have resized it while downloading).
+    The crop is in the resized image, the target is the bucket (pixels, (h, w))."""
     img, (h, w), orientation = open_image(data, settings["max_pixels"])
     if min(h, w) < settings["min_side"]:
         raise Rejected(f"shorter side below {settings['min_side']} px")
@@ -158,7 +164,7 @@ def make_sample(
         img = img.crop((left, top, left + bw, top + bh))
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data shows up while decoding
         raise Rejected(f"undecodable image: {type(e).__name__}") from e
-    original = [round(h * source_scale), round(w * source_scale)]
+    original = [round(h * source_scale[0]), round(w * source_scale[1])]
     meta = {"original_size": original, "crop_top_left": [top, left], "target_size": [bh, bw]}
     fmt = settings["image_format"]
     sample = {fmt: encode(img, fmt), "txt": caption.encode(), "json": json.dumps(meta).encode()}

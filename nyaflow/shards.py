@@ -44,22 +44,38 @@ class TarIndex:
     """Random access to the samples of one tar shard by the data offsets of their members.
 
     The offsets come from the shard's sidecar index (`<shard>.tar.idx.npz`, written by ShardWriter) when it
-    matches the shard's size, else from reading every tar header once. They are kept as numpy arrays (a few
+    fits the shard (same size and modification time, and the tar headers in front of its first and last
+    samples name them), else from reading every tar header once. They are kept as numpy arrays (a few
     bytes per member, not Python objects per sample: a rank indexes millions of samples, and its loader
     workers share the arrays). Samples are read through a per-process cache of the newest MAX_OPEN_SHARDS
     open files, so that a rank reading thousands of shards in random order stays within open-file limits.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, use_sidecar: bool = True):
         self.path = Path(path)
+        if not (use_sidecar and self._read_sidecar()):
+            self.keys, self.exts, self.spans = self._read_headers()
+
+    def _read_sidecar(self) -> bool:
         sidecar = self.path.with_name(self.path.name + INDEX_SUFFIX)
-        size = self.path.stat().st_size if self.path.exists() else -1
-        if sidecar.is_file():
+        try:
+            stat = self.path.stat()
             with np.load(sidecar, allow_pickle=False) as index:
-                if int(index["tar_size"]) == size:
-                    self.keys, self.exts, self.spans = index["keys"], index["exts"].tolist(), index["spans"]
-                    return
-        self.keys, self.exts, self.spans = self._read_headers()
+                if int(index["tar_size"]) != stat.st_size or int(index["tar_mtime_ns"]) != stat.st_mtime_ns:
+                    return False
+                self.keys, self.exts, self.spans = index["keys"], index["exts"].tolist(), index["spans"]
+        except (OSError, KeyError, ValueError):  # no sidecar, an older or a damaged one: read the headers
+            return False
+        return all(self._header_names_sample(i) for i in {0, len(self.keys) - 1} if i >= 0)
+
+    def _header_names_sample(self, i: int) -> bool:
+        """Whether the tar header in front of sample i's first member carries that member's name."""
+        ext = next(e for e, (offset, _) in zip(self.exts, self.spans[i].tolist(), strict=True) if offset >= 0)
+        offset = int(self.spans[i, self.exts.index(ext), 0])
+        with open(self.path, "rb") as f:
+            f.seek(offset - tarfile.BLOCKSIZE)
+            name = f.read(100).rstrip(b"\0").decode(errors="replace")
+        return name == f"{self.keys[i]}.{ext}"
 
     def _read_headers(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         members: dict[str, dict[str, tuple[int, int]]] = {}
@@ -82,8 +98,15 @@ class TarIndex:
         """Write the sidecar index next to the shard (under a temporary name, then renamed)."""
         sidecar = self.path.with_name(self.path.name + INDEX_SUFFIX)
         tmp = sidecar.with_name(sidecar.name + ".tmp.npz")
-        size = np.int64(self.path.stat().st_size)
-        np.savez(tmp, keys=self.keys, exts=np.array(self.exts, dtype=str), spans=self.spans, tar_size=size)
+        stat = self.path.stat()
+        np.savez(
+            tmp,
+            keys=self.keys,
+            exts=np.array(self.exts, dtype=str),
+            spans=self.spans,
+            tar_size=np.int64(stat.st_size),
+            tar_mtime_ns=np.int64(stat.st_mtime_ns),
+        )
         os.replace(tmp, sidecar)
 
     def __len__(self) -> int:
@@ -151,7 +174,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            TarIndex(self.folder / self.shards[-1]["path"]).save()
+            TarIndex(self.folder / self.shards[-1]["path"], use_sidecar=False).save()
 
 
 def check_tar(path: Path) -> list[str]:

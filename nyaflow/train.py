@@ -40,6 +40,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from nyaflow import checkpoint, flow
 from nyaflow.captions import caption_dropped, train_caption
 from nyaflow.ema import ShardedEMA
+from nyaflow.errors import UserError
 from nyaflow.loader import TrainingSet, collate, micro_batches, split_validation
 from nyaflow.model import Components, encode_prompts, load_components
 
@@ -325,11 +326,8 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     client_state = checkpoint.load(engine, ckpt_dir, data_order)
     if client_state is not None:
         state = {k: client_state[k] for k in state}
-        resumed = ckpt_dir / checkpoint.latest_tag(ckpt_dir)
-        if ema is not None and not ema.load(resumed, client_state.get("ema_optimization_step", 0)):
-            ema.restart_from(unet)
-            if rank == 0:
-                print(f"[nyaflow train] {resumed} has no EMA: it starts from these weights", flush=True)
+        if ema is not None:
+            resume_ema(ema, unet, ckpt_dir, client_state, device)
 
     writer, metrics = None, None
     if rank == 0:
@@ -482,6 +480,24 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
         tmp.replace(out_dir / "summary.json")
     dist.barrier()
     return summary
+
+
+@torch.no_grad()
+def resume_ema(ema: ShardedEMA, unet, ckpt_dir: Path, client_state: dict, device) -> None:
+    """Every rank loads its EMA share from the resumed checkpoint; if the checkpoint has none (trained
+    without EMA), all restart the average from the resumed weights. Some shares but not all: refused."""
+    resumed = ckpt_dir / checkpoint.latest_tag(ckpt_dir)
+    loaded = ema.load(resumed, client_state.get("ema_optimization_step", 0))
+    count = torch.tensor(float(loaded), device=device)
+    dist.all_reduce(count)
+    if 0 < count.item() < dist.get_world_size():
+        raise UserError(
+            f"{resumed} holds the EMA shares of {int(count.item())} of {dist.get_world_size()} ranks"
+        )
+    if count.item() == 0:
+        ema.restart_from(unet)
+        if dist.get_rank() == 0:
+            print(f"[nyaflow train] {resumed} has no EMA: it starts from these weights", flush=True)
 
 
 @torch.no_grad()

@@ -97,12 +97,14 @@ def test_small_images_are_upscaled_only_up_to_max_upscale():
 
 def test_original_size_is_the_size_before_img2dataset_shrank_it():
     # img2dataset stored a 1536 x 1024 copy of a 3072 x 2048 original: SDXL is told the original size.
-    assert (
-        download_scale({"width": 1536, "height": 1024, "original_width": 3072, "original_height": 2048}) == 2
-    )
-    assert download_scale({"width": None, "original_width": 3072}) == 1.0  # stored as downloaded
-    assert download_scale({"width": None, "original_width": None}) == 1.0  # resize_mode: no
-    _, sample = make_sample(_png(120, 64), "x", SETTINGS, make_buckets(64, 16, 2.0), source_scale=2.0)
+    shrunk = {"width": 1536, "height": 1024, "original_width": 3072, "original_height": 2048}
+    assert download_scale(shrunk) == (2.0, 2.0)
+    cropped = {"width": 512, "height": 512, "original_width": 2000, "original_height": 1000}  # center_crop
+    assert download_scale(cropped) == (1000 / 512, 2000 / 512)
+    assert download_scale({"width": None, "original_width": 3072}) == (1.0, 1.0)  # stored as downloaded
+    assert download_scale({"width": None, "original_width": None}) == (1.0, 1.0)  # resize_mode: no
+    buckets = make_buckets(64, 16, 2.0)
+    _, sample = make_sample(_png(120, 64), "x", SETTINGS, buckets, source_scale=(2.0, 2.0))
     assert json.loads(sample["json"]) == {
         "original_size": [128, 240],
         "crop_top_left": [0, 5],

@@ -54,6 +54,13 @@ def test_zero_stage_3_refuses_what_needs_the_whole_unet_on_a_rank(key, value):
         nyaflow_config.validate({"run": "x", "train": {"zero_stage": 3, key: value}})
 
 
+@pytest.mark.parametrize("key", ["stage", "offload_optimizer"])
+def test_zero_options_that_nyaflow_sets_or_cannot_run_are_refused(key):
+    nyaflow_config.validate({"run": "x", "train": {"zero_options": {"overlap_comm": True}}})
+    with pytest.raises(nyaflow_config.ConfigError, match=f"config key 'train.zero_options.{key}'"):
+        nyaflow_config.validate({"run": "x", "train": {"zero_options": {key: {"device": "cpu"}}}})
+
+
 def test_snakemake_stops_before_any_job_naming_the_bad_key(workdir):
     cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     cfg["train"]["caption_dropout"] = 1.5

@@ -203,7 +203,7 @@ def test_every_training_run_checks_its_own_nodes_before_training(slurm_rank, pre
     task, calls = preempted_task
     order = []
     monkeypatch.setattr(
-        "nyaflow.preflight.preflight", lambda cfg, data, out: order.append(("preflight", out))
+        "nyaflow.preflight.preflight", lambda cfg, data, out, keep_group: order.append(("preflight", out))
     )
     import nyaflow.train
 

@@ -1,6 +1,8 @@
 """The training loader: exactly-once coverage per epoch for any world size and worker count,
 bucket-homogeneous batches, per-epoch reshuffling, and resume equivalence at an arbitrary micro-step."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -89,15 +91,23 @@ def test_shard_index_sidecar_matches_the_tar_headers_and_a_stale_one_is_ignored(
     assert [from_sidecar[i] for i in range(5)] == [from_headers[i] for i in range(5)]
     assert from_headers[3] == {"txt": b"caption 3", "json": b"{}"}
 
-    from_headers.save()  # then the shard is rewritten with other samples: the index no longer fits
+    # The shard is rewritten in place with other samples of the same sizes (so the same tar size), and
+    # even given back its old modification time: the headers no longer name the indexed samples.
+    from_headers.save()
+    stat = path.stat()
     (tmp_path / "other").mkdir()
-    writer = shards.ShardWriter(tmp_path / "other", "b", max_count=3)
-    for i in range(3):
-        writer.write(f"k{i}", {"txt": b"longer caption than before"})
+    writer = shards.ShardWriter(tmp_path / "other", "b", max_count=5)
+    for i in range(5):
+        writer.write(f"{i + 100:06d}", {"txt": f"caption {i + 100:d}"[:9].encode(), "json": b"{}"})
     writer.close()
-    path.write_bytes((tmp_path / "other" / writer.shards[0]["path"]).read_bytes())
+    rewritten = (tmp_path / "other" / writer.shards[0]["path"]).read_bytes()
+    assert len(rewritten) == stat.st_size
+    path.write_bytes(rewritten)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     index = shards.TarIndex(path)
-    assert index.keys.tolist() == ["k0", "k1", "k2"] and index[2] == {"txt": b"longer caption than before"}
+    assert index.keys.tolist() == [f"{i + 100:06d}" for i in range(5)] and index[0]["txt"] == b"caption 1"
+    sidecar.write_bytes(b"not an npz")  # a damaged sidecar: the headers are read
+    assert shards.TarIndex(path).keys.tolist() == index.keys.tolist()
 
 
 def test_reading_many_shards_keeps_few_files_open(tmp_path, monkeypatch):

@@ -113,19 +113,25 @@ def test_plan_of_the_demo_config_counts_the_tiny_unet(capsys):
 def test_memory_estimate_of_the_xl_recipe_fits_an_h100_and_an_unsplit_one_warns(capsys):
     cfg = config_mod.load(XL)
     p = plan(cfg, gpus=32, gpu="h100")
-    parts, n = p["memory_gb"]["parts"], p["parameters"]
+    parts, n, gib = p["memory_gib"]["parts"], p["parameters"], 2**30
     assert n == 2_567_463_684
-    assert parts["weights"] == pytest.approx(2 * n / 1e9)  # bf16
-    assert parts["gradients"] == pytest.approx(2 * n / 32 / 1e9)  # ZeRO-2: partitioned
-    assert parts["fp32 weights + Adam moments"] == pytest.approx(12 * n / 32 / 1e9)
-    assert parts["EMA (fp32, split across ranks)"] == pytest.approx(4 * n / 32 / 1e9)
-    assert parts["ZeRO buckets"] == pytest.approx(2 * 200_000_000 * 4.5 / 1e9)  # overlap_comm
-    assert parts["activations"] == pytest.approx(8 * 6.8 * 2**30 / 1e9)  # micro batch 8 at 1024^2
-    assert p["memory_gb"]["total"] == pytest.approx(sum(parts.values()))
-    assert 60 < p["memory_gb"]["total"] < 0.9 * 80
+    assert parts["weights (trained)"] == pytest.approx(2 * n / gib)  # bf16
+    assert parts["gradients"] == pytest.approx(4 * n / 32 / gib)  # ZeRO-2: each rank's fp32 partition
+    assert parts["fp32 weights + Adam moments"] == pytest.approx(12 * n / 32 / gib)
+    assert parts["EMA (fp32, split across ranks)"] == pytest.approx(4 * n / 32 / gib)
+    assert parts["gradient reduce buckets"] == pytest.approx(2 * 2 * 200_000_000 / gib)  # overlap_comm: two
+    assert parts["activations"] == pytest.approx(8 * 6.8)  # micro batch 8 at 1024^2
+    assert p["memory_gib"]["total"] == pytest.approx(sum(parts.values()))
+    assert 60 < p["memory_gib"]["total"] < 0.9 * p["gpu_memory_gib"]
     assert "WARNING" not in "\n".join(format_memory(p))
+
+    # Training text encoder 2 as well: its states join the trained ones.
+    cfg["train"]["text_encoder_2_lr"] = 1e-6
+    more = plan(cfg, gpus=32, gpu="h100")["memory_gib"]["parts"]
+    assert more["weights (trained)"] == pytest.approx(2 * (n + 694_659_840) / gib)
+    assert more["frozen text encoders + VAE"] < parts["frozen text encoders + VAE"]
 
     # The same job on one GPU: nothing is sharded, and it does not fit.
     assert cli_main(["plan", "--configfile", str(XL), "--gpus", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"WARNING: about 1\d\d GB needed, 80 GB on the GPU: lower train.micro_batch", out), out
+    assert re.search(r"WARNING: about 1\d\d GiB needed, 79.6 GiB on the GPU: lower", out), out

