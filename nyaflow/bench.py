@@ -95,8 +95,8 @@ SDXL_TEXT_ENCODERS = (
 )
 
 # Dense (no sparsity) peak rates per device in TFLOP/s, from the vendors' data sheets: bf16 tensor cores,
-# and TF32 tensor cores for fp32 training (PyTorch's convolutions use TF32 by default).
-# Dense peak TFLOP/s by precision, and the memory CUDA reports (nvidia-smi's total, GiB; the 80 GB cards).
+# and TF32 tensor cores for fp32 training (PyTorch's convolutions use TF32 by default); and the memory
+# CUDA reports (nvidia-smi's total, GiB), which `nyaflow plan` compares its estimate with.
 PEAK_TFLOPS = {
     "h100": {"bf16": 989.0, "fp32": 494.7, "name": "NVIDIA H100 SXM", "memory_gib": 79.6},
     "h100-pcie": {"bf16": 756.0, "fp32": 378.0, "name": "NVIDIA H100 PCIe", "memory_gib": 79.6},

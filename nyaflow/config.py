@@ -65,16 +65,15 @@ def validate(config: dict) -> dict:
 def combination_problems(config: dict) -> list[str]:
     """Settings that are valid one by one but not together (the schema checks each key alone)."""
     tc = config["train"]
+    offload = "CPU offload needs DeepSpeed's CPU Adam; nyaflow trains with torch's AdamW"
+    not_passed = {
+        "stage": "the stage is train.zero_stage",
+        "offload_optimizer": offload,
+        "offload_param": offload,
+    }
     problems = [
         f"config key 'train.zero_options.{key}': {why}"
-        for key, why in (
-            ("stage", "the stage is train.zero_stage"),
-            (
-                "offload_optimizer",
-                "CPU offload needs DeepSpeed's CPU Adam; nyaflow trains with torch's AdamW",
-            ),
-            ("offload_param", "CPU offload needs DeepSpeed's CPU Adam; nyaflow trains with torch's AdamW"),
-        )
+        for key, why in not_passed.items()
         if key in tc["zero_options"]
     ]
     if tc["zero_stage"] == 3:

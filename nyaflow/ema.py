@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FILE = "ema_rank{rank:03d}.safetensors"
+FILES = "ema_rank*.safetensors"
 
 
 def share(module: torch.nn.Module, rank: int, world_size: int) -> list[str]:
@@ -87,7 +88,7 @@ class ShardedEMA:
 def read(folder: Path) -> dict[str, torch.Tensor]:
     """The whole EMA from a checkpoint folder: every rank's share merged ({} when there is none)."""
     merged: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(folder).glob(FILE.replace("{rank:03d}", "*"))):
+    for path in sorted(Path(folder).glob(FILES)):
         part = load_file(path)
         overlap = merged.keys() & part.keys()
         if overlap:

@@ -70,8 +70,8 @@ class TarIndex:
 
     def _header_names_sample(self, i: int) -> bool:
         """Whether the tar header in front of sample i's first member carries that member's name."""
-        ext = next(e for e, (offset, _) in zip(self.exts, self.spans[i].tolist(), strict=True) if offset >= 0)
-        offset = int(self.spans[i, self.exts.index(ext), 0])
+        spans = zip(self.exts, self.spans[i, :, 0].tolist(), strict=True)
+        ext, offset = next((e, offset) for e, offset in spans if offset >= 0)
         with open(self.path, "rb") as f:
             f.seek(offset - tarfile.BLOCKSIZE)
             name = f.read(100).rstrip(b"\0").decode(errors="replace")

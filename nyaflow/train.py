@@ -8,11 +8,11 @@ rate (train.text_encoder_lr, text_encoder_2_lr: one optimizer group each, under 
 Randomness is keyed, not streamed: the noise, sigmas and VAE posterior sample of micro-step k on rank r
 come from a generator seeded by (seed, r, k), caption dropout and tag processing are keyed by (seed, epoch,
 sample) (nyaflow.captions), and the data order is a function of k (nyaflow.loader). A run restarted from a
-checkpoint therefore continues exactly as if uninterrupted: same weights, optimizer state and validation
-losses, bit for bit. The logged training loss is the mean over
-the micro-steps since the previous log line; its history is identical too when train.checkpoint_every is a
-multiple of train.log_every (after a stop by signal, the one window around the stop averages the steps
-run since the resume).
+checkpoint therefore continues exactly as if uninterrupted: same weights, optimizer state, EMA and
+validation losses, bit for bit. The logged training loss is the mean over the micro-steps since the
+previous log line; its history is identical too when train.checkpoint_every is a multiple of
+train.log_every (after a stop by signal, the one window around the stop averages the steps run since the
+resume).
 
 Stopping: SIGTERM or SIGUSR2 on any rank sets a flag that all ranks agree on (all-reduce) at the next
 micro-step; then every rank saves a checkpoint and `train` raises Preempted (the CLI exits with
@@ -308,11 +308,8 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
             getattr(c, name).requires_grad_(False).eval()
         getattr(c, name).to(device, dtype)
     configure_unet(c.unet, tc)
-    ema = (
-        None  # this rank's share of the EMA (nyaflow.ema), from the fp32 weights before DeepSpeed casts them
-    )
-    if tc["ema_decay"] > 0:
-        ema = ShardedEMA(c.unet, tc["ema_decay"], rank, world_size, device)
+    # This rank's share of the EMA (nyaflow.ema), taken from the fp32 weights before DeepSpeed casts them.
+    ema = ShardedEMA(c.unet, tc["ema_decay"], rank, world_size, device) if tc["ema_decay"] > 0 else None
     engine, scheduler = build_engine(deepspeed, trained_modules(c, tc), tc, device, bf16)
     unet = unet_of(engine.module)
     objective = FlowObjective(c, tc, device, dtype)

@@ -129,9 +129,8 @@ def test_text_encoder_trains_at_its_own_rate_and_is_exported(tiny_model, demo_da
     base = load_components(tiny_model)
     te_base = base.text_encoder.state_dict()
     changed = [k for k in te_base if not torch.equal(te_base[k], parts["text_encoder"][k])]
-    # Without weight decay only a gradient moves a weight: most of text encoder 1's must have one (the
-    # loss reaches it through the prompt embeddings); the final layer norm feeds only the pooled output
-    # of text encoder 2, not the penultimate hidden states SDXL uses, so a few stay put.
+    # Without weight decay only a gradient moves a weight: most of text encoder 1's must get one through
+    # the prompt embeddings (SDXL uses its penultimate hidden states: its last layer and norm get none).
     assert len(changed) > len(te_base) // 2
     unet_base = base.unet.state_dict()
     assert any(not torch.equal(unet_base[k], parts["unet"][k]) for k in unet_base)
